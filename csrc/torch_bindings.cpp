@@ -1,0 +1,11 @@
+// Every op schema of the extension, and nothing else. Kernels register per device under the same
+// name (cpu/*.cpp, cuda/*.cu); the dispatcher picks one from the tensors' device.
+#include <torch/library.h>
+
+TORCH_LIBRARY(sparseinfer, m) {
+  // y = weight * (x / sqrt(mean(x^2, -1) + eps)), over the last dim; fp32 accumulation. Rounds the
+  // normalised x to x's dtype before the weight multiply, as Hugging Face's LlamaRMSNorm does, so
+  // bf16/fp16 results match it bit for bit.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rms_norm_out(Tensor x, Tensor weight, float eps, Tensor(a!) out) -> ()");
+}
