@@ -1,0 +1,62 @@
+"""The FFN variants of PAPER.md, with the neuron activations h (the paper's h_i) exposed on their own.
+
+Naming: ``gate_proj`` is always the projection the activation σ is applied to, ``up_proj`` exists only in
+gated FFNs, ``down_proj.weight`` is W_out with shape (d, m), so column i is neuron i's output direction.
+
+    non-gated (ReLU, ReLU²):        h = σ(gate_proj x)
+    gated (SwiGLU, ReGLU, FATReLU): h = σ(gate_proj x) ⊙ up_proj x
+    dReLU (TurboSparse, Bamboo):    h = relu(gate_proj x) ⊙ relu(up_proj x)
+    FFN(x) = down_proj h = Σ_i h_i W_out[:, i]
+
+Non-gated checkpoints hold either ``gate_proj`` (the paper's SparseLLM relu/relu2 models) or ``up_proj``
+(Nemotron-style); the loader maps whichever is there onto ``gate_proj`` so that every variant, and every tool
+that hooks it (calibration, predictors, the sparse kernels), finds W_in in the same place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseinfer.model.config import ModelConfig
+
+
+def activation_fn(name: str, threshold: float = 0.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """σ by name (see config.SUPPORTED_ACTIVATIONS); dReLU's σ is plain ReLU applied to both projections."""
+    if name == "silu":
+        return F.silu
+    if name in ("relu", "drelu"):
+        return F.relu
+    if name == "relu2":
+        return lambda z: F.relu(z).square()  # Hugging Face's "relu2" (Primer's squared ReLU)
+    if name == "fatrelu":
+        return lambda z: F.threshold(z, threshold, 0.0)  # z if z > t else 0
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class FFN(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, m, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gated = config.ffn_gated
+        self.activation = config.activation
+        self.gate_proj = nn.Linear(d, m, bias=bias)  # W_gate (gated) or W_in (non-gated)
+        self.up_proj = nn.Linear(d, m, bias=bias) if self.gated else None
+        self.down_proj = nn.Linear(m, d, bias=bias)  # W_out, weight (d, m)
+        self.act = activation_fn(config.activation, config.activation_threshold)
+
+    def neuron_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """h for every neuron: (..., d) -> (..., m)."""
+        h = self.act(self.gate_proj(x))  # (..., m)
+        if self.up_proj is not None:
+            up = self.up_proj(x)  # (..., m)
+            if self.activation == "drelu":
+                up = F.relu(up)
+            h = h * up
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.neuron_activations(x))  # (..., d)

@@ -1,0 +1,264 @@
+"""The Llama-family decoder: embeddings, N × (attention + FFN, pre-RMSNorm residual), final norm, lm_head.
+
+Module and parameter names mirror Hugging Face's (``layers.3.self_attn.q_proj.weight`` is a checkpoint's
+``model.layers.3.self_attn.q_proj.weight``) so that loading is a rename of the prefix, nothing more.
+
+``forward`` runs three ways:
+- no cache: a plain causal pass from position 0 (perplexity, calibration);
+- with a cache, prefill or decode: row b of ``tokens`` continues the sequence in cache slot ``slots[b]`` from
+  its own current length, so one decode step can batch sequences of different lengths. New keys/values are
+  written into the cache, each row attends over its own prefix plus its new tokens, and the cache lengths
+  advance by T.
+
+The decode hot path avoids per-step allocation where it can: rope tables are precomputed (and only grown),
+the cache is read through a slice up to the longest live row (a view when the slots are contiguous), and no
+mask is built when every row is at the same position and T == 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseinfer import ops
+from sparseinfer.model.config import ModelConfig
+from sparseinfer.model.ffn import FFN
+from sparseinfer.model.rope import apply_rope, inverse_frequencies, rope_tables
+
+if TYPE_CHECKING:  # the engine package imports the model; importing it back only for types avoids a cycle
+    from sparseinfer.engine.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)  # HF LlamaRMSNorm, fp32 statistics
+
+
+@dataclass
+class _Step:
+    """Per-forward attention bookkeeping, computed once and shared by every layer."""
+
+    window: int  # keys to attend over: the longest row's length after this step
+    mask: torch.Tensor | None  # (B, 1, T, window) bool, True = attend; None when not needed
+    is_causal: bool  # plain causal mask (only valid when every row starts at position 0)
+    slot_slice: slice | None  # the slots as a contiguous range, so the cache is read through a view
+    slots: torch.Tensor | None  # (B,) on the model device
+    start: int | None  # the common start position when all rows share it
+    positions: torch.Tensor | None  # (B, T) on the model device, when rows start at different positions
+
+    def write(self, buf: torch.Tensor, new: torch.Tensor) -> None:
+        """Store ``new`` (B, KVH, T, hd) at each row's positions of cache buffer ``buf``."""
+        if self.slot_slice is not None and self.start is not None:
+            buf[self.slot_slice, :, self.start : self.start + new.shape[2]].copy_(new)
+        else:
+            # Index tensors (B,1) and (B,T) around a slice broadcast to (B,T) and go first: (B, T, KVH, hd).
+            buf[self.slots[:, None], :, self.positions] = new.transpose(1, 2)
+
+    def read(self, buf: torch.Tensor) -> torch.Tensor:
+        """(B, KVH, window, hd): each row's cached keys or values up to the longest live row."""
+        if self.slot_slice is not None:
+            return buf[self.slot_slice, :, : self.window]  # a view: no copy
+        return buf[self.slots, :, : self.window]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        step: _Step,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if k_cache is not None and v_cache is not None:
+            step.write(k_cache, k)
+            step.write(v_cache, v)
+            k, v = step.read(k_cache), step.read(v_cache)  # (B, KVH, window, hd)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=step.mask,
+            is_causal=step.is_causal,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, d)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = FFN(config)
+        self.residual_scale = config.residual_scale
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        step: _Step,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+    ) -> torch.Tensor:
+        a = self.self_attn(self.input_layernorm(x), cos, sin, step, k_cache, v_cache)  # (B, T, d)
+        x = x + a * self.residual_scale if self.residual_scale != 1.0 else x + a
+        f = self.mlp(self.post_attention_layernorm(x))  # (B, T, d)
+        return x + f * self.residual_scale if self.residual_scale != 1.0 else x + f
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._cos: torch.Tensor | None = None  # (P, hd) in the model dtype, grown on demand
+        self._sin: torch.Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def new_cache(self, max_batch: int, max_seq: int) -> KVCache:
+        """A KV cache in this model's dtype and device."""
+        from sparseinfer.engine.kv_cache import KVCache
+
+        return KVCache(self.config, max_batch, max_seq, dtype=self.dtype, device=self.device)
+
+    def _rope(self, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables covering at least ``num_positions``; rebuilt only when outgrown or moved."""
+        cos = self._cos
+        if (
+            cos is None
+            or cos.shape[0] < num_positions
+            or cos.dtype != self.dtype
+            or cos.device != self.device
+        ):
+            size = max(num_positions, min(self.config.max_position_embeddings, 4096))
+            if cos is not None and cos.shape[0] < num_positions:
+                size = max(size, 2 * cos.shape[0])  # amortise growth
+            inv_freq = inverse_frequencies(self.config.rope, self.config.head_dim)
+            self._cos, self._sin = rope_tables(inv_freq, size, self.dtype, self.device)
+        return self._cos, self._sin
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab), or (B, 1, vocab) with ``last_only``, as float32.
+
+        tokens: (B, T) token ids. With ``cache``, row b continues the sequence in slot ``slots[b]``
+        (default: slot b).
+        """
+        B, T = tokens.shape
+        x = self.embed_tokens(tokens)  # (B, T, d)
+        if self.config.embedding_scale != 1.0:
+            x = x * self.config.embedding_scale
+        if cache is None:
+            cos, sin = self._rope(T)
+            cos, sin = cos[None, None, :T], sin[None, None, :T]  # (1, 1, T, hd)
+            step = _Step(
+                window=T, mask=None, is_causal=T > 1, slot_slice=None, slots=None, start=0, positions=None
+            )
+        else:
+            if cache.dtype != self.dtype:
+                raise ValueError(f"KV cache dtype {cache.dtype} differs from the model dtype {self.dtype}")
+            if slots is None:
+                slots = torch.arange(B)
+            cos, sin, step = self._cached_step(cache, slots, T)
+
+        for i, layer in enumerate(self.layers):
+            k_cache = cache.k[i] if cache is not None else None
+            v_cache = cache.v[i] if cache is not None else None
+            x = layer(x, cos, sin, step, k_cache, v_cache)  # (B, T, d)
+
+        if last_only:
+            x = x[:, -1:]  # (B, 1, d): prefill only needs the next token's logits
+        x = self.norm(x)
+        if self.config.logit_divisor != 1.0:
+            x = x / self.config.logit_divisor
+        logits = self.lm_head(x).float()  # (B, T or 1, vocab)
+        if cache is not None:
+            cache.advance(slots, T)
+        return logits
+
+    def _cached_step(
+        self, cache: KVCache, slots: torch.Tensor, T: int
+    ) -> tuple[torch.Tensor, torch.Tensor, _Step]:
+        starts = cache.reserve(slots, T)  # (B,) on the CPU; raises before anything is written
+        slots_cpu = slots.to("cpu", torch.long)
+        B = slots_cpu.numel()
+        s0 = int(slots_cpu[0])
+        contiguous = bool(torch.equal(slots_cpu, torch.arange(s0, s0 + B)))
+        first, last = int(starts.min()), int(starts.max())
+        uniform = first == last
+        window = last + T
+        cos_t, sin_t = self._rope(window)
+        dev = self.device
+        # (B, T) absolute positions, needed unless every row is written through one slice of the cache
+        positions = None if (uniform and contiguous) else (starts[:, None] + torch.arange(T)).to(dev)
+        if uniform:
+            cos, sin = (
+                cos_t[None, None, first:window],
+                sin_t[None, None, first:window],
+            )  # (1, 1, T, hd): views
+        else:
+            cos, sin = cos_t[positions].unsqueeze(1), sin_t[positions].unsqueeze(1)  # (B, 1, T, hd)
+
+        mask, is_causal = None, False
+        if uniform and first == 0:
+            is_causal = T > 1  # a fresh prefill: the ordinary causal mask
+        elif not (uniform and T == 1):
+            # Query t of row b sits at position starts[b] + t and may see keys up to and including it; later
+            # keys are the row's future or stale entries of a shorter row.
+            limit = (starts[:, None] + torch.arange(T)).to(dev)  # (B, T)
+            keys = torch.arange(window, device=dev)  # (window,)
+            mask = (keys[None, None, :] <= limit[:, :, None]).unsqueeze(1)  # (B, 1, T, window)
+        step = _Step(
+            window=window,
+            mask=mask,
+            is_causal=is_causal,
+            slot_slice=slice(s0, s0 + B) if contiguous else None,
+            slots=slots.to(dev, torch.long),
+            start=first if uniform else None,
+            positions=positions,
+        )
+        return cos, sin, step
