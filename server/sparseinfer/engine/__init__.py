@@ -1,0 +1,26 @@
+"""Generation engine: sampling, per-request sequence state, and the step-level generator over a KV cache."""
+
+from sparseinfer.engine.generate import Generator
+from sparseinfer.engine.sampling import RequestSampler, SamplingParams, process_logits, sample_batch
+from sparseinfer.engine.sequence import (
+    FinishReason,
+    GenerationEvent,
+    GenerationResult,
+    GenerationStats,
+    Sequence,
+    StopMatcher,
+)
+
+__all__ = [
+    "FinishReason",
+    "GenerationEvent",
+    "GenerationResult",
+    "GenerationStats",
+    "Generator",
+    "RequestSampler",
+    "SamplingParams",
+    "Sequence",
+    "StopMatcher",
+    "process_logits",
+    "sample_batch",
+]

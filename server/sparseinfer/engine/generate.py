@@ -1,0 +1,199 @@
+"""Autoregressive generation over a KV cache: a step-level core plus thin loops on top.
+
+The core is three calls a batcher can drive: ``start`` (validate + tokenize into a ``Sequence``),
+``prefill`` (run one prompt into its own cache slot and sample its first token) and ``decode_step``
+(one batched forward over any set of live sequences, each at its own length). Sequences give their slot
+back as soon as they finish. ``generate_stream``, ``generate`` and ``generate_batch`` are loops over it.
+
+Context length: a request whose prompt plus ``max_new_tokens`` exceeds the generator's ``max_seq`` is
+rejected with a ``ValueError`` naming ``max_new_tokens`` instead of being silently shortened, so a caller
+always gets the budget it asked for or an error it can act on.
+
+A ``Generator`` is not thread-safe: one thread (the CLI, or the server's batcher loop) drives it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from collections.abc import Sequence as SequenceABC
+from typing import Any
+
+import torch
+
+from sparseinfer.engine.kv_cache import KVCache
+from sparseinfer.engine.sampling import SamplingParams, sample_batch
+from sparseinfer.engine.sequence import GenerationEvent, GenerationResult, Sequence
+from sparseinfer.model.tokenizer import IncrementalDecoder, Tokenizer
+
+Prompt = str | SequenceABC[int]
+
+
+class Generator:
+    """Generates text with ``model`` into a KV cache of ``max_batch`` slots of ``max_seq`` positions.
+
+    ``max_seq`` defaults to (and is capped at) the model's context length. ``cache`` lets a caller supply
+    a pre-built cache instead (it must have at least ``max_batch`` slots of ``max_seq`` positions).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer,
+        max_batch: int = 1,
+        max_seq: int | None = None,
+        cache: KVCache | None = None,
+    ) -> None:
+        if max_batch <= 0:
+            raise ValueError(f"max_batch must be > 0, got {max_batch}")
+        context = int(model.config.max_position_embeddings)
+        if max_seq is not None and max_seq <= 0:
+            raise ValueError(f"max_seq must be > 0, got {max_seq}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_seq = min(max_seq, context) if max_seq is not None else context
+        weight = next(model.parameters())
+        self.device = weight.device
+        self.cache = (
+            cache
+            if cache is not None
+            else KVCache(model.config, max_batch, self.max_seq, dtype=weight.dtype, device=self.device)
+        )
+        if cache is not None:
+            self.max_seq = min(self.max_seq, cache.max_seq)
+        # EOS ids from both the tokenizer and config.json: checkpoints disagree on which lists them all.
+        self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model.config.eos_token_ids)
+
+    # ---- step-level core -------------------------------------------------------------------------------
+
+    def start(self, prompt: Prompt, params: SamplingParams, request_id: Any = None) -> Sequence:
+        """Validate ``params``, tokenize ``prompt`` and check it fits; no compute yet.
+
+        Text is encoded with the checkpoint's own BOS convention; token ids are used as given.
+        """
+        params.validate()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("prompt must contain at least one token")
+        vocab = int(self.model.config.vocab_size)
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) + params.max_new_tokens > self.max_seq:
+            raise ValueError(
+                f"max_new_tokens={params.max_new_tokens} plus the prompt's {len(ids)} tokens exceeds the "
+                f"context length {self.max_seq}; lower max_new_tokens to at most {self.max_seq - len(ids)}"
+                if len(ids) < self.max_seq
+                else f"prompt has {len(ids)} tokens but the context length is {self.max_seq}"
+            )
+        decoder = IncrementalDecoder(self.tokenizer, ids)
+        return Sequence(ids, params, decoder, self.eos_token_ids, request_id)
+
+    @property
+    def free_slots(self) -> int:
+        return self.cache.num_free
+
+    @torch.inference_mode()
+    def prefill(self, seq: Sequence) -> GenerationEvent:
+        """Take a cache slot for ``seq``, run its whole prompt and sample its first token."""
+        if seq.slot is not None or seq.prefilled or seq.finished:
+            raise RuntimeError(f"sequence {seq.request_id!r} was already prefilled")
+        seq.slot = self.cache.allocate()
+        try:
+            tokens = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
+            slots = torch.tensor([seq.slot], dtype=torch.long, device=self.device)  # (1,)
+            logits = self.model(tokens, cache=self.cache, slots=slots, last_only=True)  # (1, 1, V)
+            (token,) = sample_batch(logits[:, -1, :], [seq.sampler])
+            event = seq.append(token)
+        except BaseException:
+            self.release(seq)
+            raise
+        if seq.finished:
+            self.release(seq)
+        return event
+
+    @torch.inference_mode()
+    def decode_step(self, seqs: SequenceABC[Sequence]) -> list[GenerationEvent]:
+        """One batched forward feeding each sequence its last token; returns one event per sequence.
+
+        The sequences may be at different lengths: each row attends over its own slot's cache.
+        """
+        if not seqs:
+            return []
+        for seq in seqs:
+            if seq.slot is None or seq.finished:
+                raise RuntimeError(f"sequence {seq.request_id!r} is not live (prefill it first)")
+        tokens = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)  # (B,)
+        logits = self.model(tokens, cache=self.cache, slots=slots, last_only=True)  # (B, 1, V)
+        picked = sample_batch(logits[:, -1, :], [s.sampler for s in seqs])
+        events = [seq.append(token) for seq, token in zip(seqs, picked, strict=True)]
+        for seq in seqs:
+            if seq.finished:
+                self.release(seq)
+        return events
+
+    def release(self, seq: Sequence) -> None:
+        """Give ``seq``'s cache slot back (idempotent); a batcher calls this for cancelled requests."""
+        if seq.slot is not None:
+            self.cache.free(seq.slot)
+            seq.slot = None
+
+    # ---- loops -----------------------------------------------------------------------------------------
+
+    def generate_stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[GenerationEvent]:
+        """Stream one request's events; the last has ``finish_reason`` and ``stats``.
+
+        Invalid params or prompts raise here, at the call, not at the first ``next()``. Closing the
+        iterator early releases the cache slot.
+        """
+        return self._drive_one(self.start(prompt, params))
+
+    def generate(self, prompt: Prompt, params: SamplingParams) -> GenerationResult:
+        """Run one request to completion."""
+        seq = self.start(prompt, params)
+        return GenerationResult.collect(self._drive_one(seq), seq.seed)
+
+    def _drive_one(self, seq: Sequence) -> Iterator[GenerationEvent]:
+        try:
+            yield self.prefill(seq)
+            while not seq.finished:
+                yield from self.decode_step([seq])
+        finally:
+            self.release(seq)
+
+    def generate_batch(
+        self, prompts: SequenceABC[Prompt], params: SamplingParams | SequenceABC[SamplingParams]
+    ) -> list[GenerationResult]:
+        """Run requests together: decode steps are batched over all live sequences.
+
+        Up to ``max_batch`` run at once; a waiting request is prefilled as soon as a slot frees up (the
+        same admit-then-step loop the server's continuous batcher runs). ``params`` is one value for all
+        or one per prompt. Results come back in prompt order.
+        """
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
+        # Validate everything before any compute so one bad request cannot leave others half-done.
+        seqs = [
+            self.start(p, sp, request_id=i)
+            for i, (p, sp) in enumerate(zip(prompts, params_list, strict=True))
+        ]
+        events: list[list[GenerationEvent]] = [[] for _ in seqs]
+        waiting = deque(seqs)
+        running: list[Sequence] = []
+        try:
+            while waiting or running:
+                while waiting and self.free_slots > 0:
+                    seq = waiting.popleft()
+                    events[seq.request_id].append(self.prefill(seq))
+                    if not seq.finished:
+                        running.append(seq)
+                if running:
+                    for seq, event in zip(running, self.decode_step(running), strict=True):
+                        events[seq.request_id].append(event)
+                    running = [s for s in running if not s.finished]
+        finally:
+            for seq in seqs:
+                self.release(seq)
+        return [GenerationResult.collect(ev, seq.seed) for ev, seq in zip(events, seqs, strict=True)]

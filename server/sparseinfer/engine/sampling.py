@@ -1,0 +1,182 @@
+"""Sampling parameters and the per-request token sampler.
+
+Every request carries its own ``SamplingParams`` and its own ``torch.Generator`` seeded from the request
+seed, and a batch of logits is processed row by row with each row's own parameters. A request therefore
+draws the same tokens whether it runs alone or batched with others (given the same logits), which is what
+makes a seed meaningful behind a continuous batcher.
+
+Logits are processed in the order Hugging Face ``generate`` uses: repetition penalty, temperature, top-k,
+top-p; then greedy argmax (temperature 0) or one multinomial draw.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens and when it stops.
+
+    ``temperature=0`` is greedy (top_k/top_p are then irrelevant); ``top_k=0`` and ``top_p=1.0`` are off;
+    ``repetition_penalty=1.0`` is off and otherwise follows HF: logits of tokens seen in prompt or output
+    are divided by it when positive and multiplied by it when negative. ``seed=None`` draws a fresh seed.
+    ``stop`` strings end generation when they appear in the decoded text (they are not emitted).
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, max_new_tokens_limit: int | None = None) -> SamplingParams:
+        """Raise ``ValueError`` naming the offending field; return self so calls can be chained."""
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise ValueError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if max_new_tokens_limit is not None and self.max_new_tokens > max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens must be <= {max_new_tokens_limit}, got {self.max_new_tokens}")
+        # `not (x >= 0)` rather than `x < 0` so that NaN is rejected too.
+        if not (self.temperature >= 0.0) or self.temperature == float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (self.repetition_penalty > 0.0) or self.repetition_penalty == float("inf"):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a tuple of strings, got {self.stop!r}")
+        if any(s == "" for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+        return self
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
+    """Apply repetition penalty → temperature → top-k → top-p to fp32 logits ``(V,)`` or ``(B, V)``.
+
+    ``seen`` is a bool mask shaped like ``logits`` (tokens in prompt + output) or None when the penalty
+    is off. Filtered entries become ``-inf``. With temperature 0 only the penalty applies (greedy argmax
+    is invariant to the rest). Returns a new tensor; the input is not modified.
+    """
+    out = logits.float()
+    if params.repetition_penalty != 1.0 and seen is not None:
+        penalized = torch.where(out < 0, out * params.repetition_penalty, out / params.repetition_penalty)
+        out = torch.where(seen, penalized, out)
+    if params.greedy:
+        return out if out is not logits else out.clone()
+    if params.temperature != 1.0:
+        out = out / params.temperature
+    if 0 < params.top_k < out.shape[-1]:
+        # Keep everything tied with the k-th largest, as HF does, so the result does not depend on sort order.
+        kth = torch.topk(out, params.top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if params.top_p < 1.0:
+        out = _top_p(out, params.top_p)
+    return out if out is not logits else out.clone()
+
+
+def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    # Sorted ascending, a token is dropped when the probability mass at or below it is <= 1 - top_p, i.e.
+    # the remaining (larger) tokens already cover top_p. The most likely token always survives.
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= (1.0 - top_p)
+    drop_sorted[..., -1] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def fresh_seed() -> int:
+    """A seed from OS entropy; never touches torch's global RNG (other requests may depend on it)."""
+    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+
+
+class RequestSampler:
+    """Sampling state of one request: its params, its own RNG and the set of tokens it has seen."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int]) -> None:
+        self.params = params
+        self.seed = params.seed if params.seed is not None else fresh_seed()
+        self._generator: torch.Generator | None = None
+        # Seen tokens are only tracked when the penalty needs them; kept as ids until the vocab size and
+        # device are known from the first logits row, then as a bool mask updated in place.
+        self._pending_ids: list[int] = list(prompt_ids) if params.repetition_penalty != 1.0 else []
+        self._seen: torch.Tensor | None = None
+
+    @property
+    def needs_processing(self) -> bool:
+        """False when plain argmax of the raw logits is the answer (the batched fast path)."""
+        return not self.params.greedy or self.params.repetition_penalty != 1.0
+
+    def observe(self, token_id: int) -> None:
+        """Record a generated token (for the repetition penalty)."""
+        if self.params.repetition_penalty == 1.0:
+            return
+        if self._seen is None:
+            self._pending_ids.append(token_id)
+        else:
+            self._seen[token_id] = True
+
+    def _seen_mask(self, row: torch.Tensor) -> torch.Tensor | None:
+        if self.params.repetition_penalty == 1.0:
+            return None
+        if self._seen is None:
+            self._seen = torch.zeros(row.shape[-1], dtype=torch.bool, device=row.device)
+            if self._pending_ids:
+                ids = torch.tensor(self._pending_ids, dtype=torch.long, device=row.device)
+                # Ids beyond the logits width (an embedding larger than lm_head) can never be sampled.
+                self._seen[ids[ids < row.shape[-1]]] = True
+            self._pending_ids = []
+        return self._seen
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        return self._generator
+
+    def sample_row(self, row: torch.Tensor) -> int:
+        """Pick the next token from one row of logits ``(V,)``."""
+        processed = process_logits(row, self.params, self._seen_mask(row))
+        if self.params.greedy:
+            return int(processed.argmax())
+        probs = processed.softmax(dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self._rng(row.device)))
+
+
+def sample_batch(logits: torch.Tensor, samplers: Sequence[RequestSampler]) -> list[int]:
+    """Next token for each row of ``logits`` ``(B, V)``, row b using ``samplers[b]``.
+
+    Plain greedy rows share one batched argmax; every other row is processed alone with its own params
+    and RNG, so no row's result depends on the others.
+    """
+    if logits.dim() != 2 or logits.shape[0] != len(samplers):
+        raise ValueError(f"expected logits (B={len(samplers)}, V), got {tuple(logits.shape)}")
+    tokens = [0] * len(samplers)
+    plain = [b for b, s in enumerate(samplers) if not s.needs_processing]
+    if plain:
+        picked = logits[plain].argmax(dim=-1).tolist() if len(plain) < len(samplers) else None
+        if picked is None:
+            picked = logits.argmax(dim=-1).tolist()
+        for b, token in zip(plain, picked, strict=True):
+            tokens[b] = token
+    for b, sampler in enumerate(samplers):
+        if sampler.needs_processing:
+            tokens[b] = sampler.sample_row(logits[b])
+    return tokens
