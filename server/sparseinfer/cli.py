@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--seed", type=int, default=0)
     rnd.add_argument("--max-position-embeddings", type=_positive_int, default=2048)
     rnd.set_defaults(run=_run_random_checkpoint)
+
+    from sparseinfer.sparsity.commands import register as register_sparsity_commands
+
+    register_sparsity_commands(sub)
     return parser
 
 
