@@ -8,3 +8,12 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the toolkit's subcommands to the top-level parser's subparsers."""
+    from sparseinfer.sparsity import calibrate_command
+
+    calibrate_command.register(sub)
+    from sparseinfer.sparsity import predictor_command
+
+    predictor_command.register(sub)
+    from sparseinfer.sparsity import study_command
+
+    study_command.register(sub)
