@@ -18,10 +18,9 @@ from typing import TextIO
 import torch
 
 from sparseinfer.engine.sampling import SamplingParams
-from sparseinfer.model.config import SUPPORTED_ACTIVATIONS
+from sparseinfer.model.config import DTYPES, SUPPORTED_ACTIVATIONS
 
 EXIT_USAGE = 2
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class UsageError(Exception):
@@ -97,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop", nargs="+", default=[], metavar="STR", help="stop when any of these strings appears"
     )
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
-    gen.add_argument("--dtype", choices=sorted(_DTYPES), help="compute dtype (default: the checkpoint's)")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the checkpoint's)")
     gen.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
     gen.set_defaults(run=_run_generate)
 
@@ -112,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--activation", choices=SUPPORTED_ACTIVATIONS, default="relu2")
     rnd.add_argument("--gated", action="store_true", help="gated FFN (gate_proj and up_proj)")
     rnd.add_argument("--tie", action="store_true", help="tie lm_head to the embeddings")
-    rnd.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    rnd.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     rnd.add_argument("--seed", type=int, default=0)
     rnd.add_argument("--max-position-embeddings", type=_positive_int, default=2048)
     rnd.set_defaults(run=_run_random_checkpoint)
@@ -144,7 +143,7 @@ def generate_config(args: argparse.Namespace, env: Environment) -> GenerateConfi
         params.validate()
     except ValueError as e:
         raise UsageError(f"invalid sampling parameter: {e}") from None
-    dtype = _DTYPES[args.dtype] if args.dtype else None
+    dtype = DTYPES[args.dtype] if args.dtype else None
     return GenerateConfig(Path(model), args.prompt, params, dtype, args.threads)
 
 
@@ -197,7 +196,7 @@ def _run_random_checkpoint(args: argparse.Namespace, env: Environment) -> None:
         activation=args.activation,
         gated=args.gated,
         tie=args.tie,
-        dtype=_DTYPES[args.dtype],
+        dtype=DTYPES[args.dtype],
         seed=args.seed,
         max_position_embeddings=args.max_position_embeddings,
     )

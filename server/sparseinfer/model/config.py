@@ -38,7 +38,8 @@ _ACTIVATION_ALIASES = {
     "relu2": "relu2",
     "fatrelu": "fatrelu",
 }
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# dtype names accepted in config.json and on the command line -> torch dtypes
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class ModelConfig:
             tie_word_embeddings=tie,
             attention_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            torch_dtype=_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None,
+            torch_dtype=DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None,
             bos_token_id=_first_id(hf.get("bos_token_id")),
             eos_token_ids=_id_tuple(hf.get("eos_token_id")),
             rope=parse_rope(hf),

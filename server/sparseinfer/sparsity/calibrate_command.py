@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from sparseinfer.model.config import DTYPES
 from sparseinfer.sparsity.calibrate import DEFAULT_CANDIDATES, DEFAULT_CETT, Calibration, validate_cett_target
 from sparseinfer.sparsity.data import DEFAULT_SEQ_LEN, MIN_CALIBRATION_TOKENS
 from sparseinfer.sparsity.profile import Profile
-
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=None, metavar="N", help="use at most N tokens of the text")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per calibration sequence")
     p.add_argument("--chunk", type=int, default=2048, help="tokens per matmul chunk (memory vs speed)")
-    p.add_argument("--dtype", choices=_DTYPES, default=None, help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the checkpoint's)")
     p.add_argument(
         "--sidecar", type=Path, default=None, metavar="DIR", help="sidecar directory (default: MODEL)"
     )
@@ -89,13 +88,12 @@ def config_from_args(args: argparse.Namespace) -> ToolConfig:
 
 
 def _load(config: ToolConfig) -> tuple[Any, Any]:
-    import torch
 
     from sparseinfer.model import load_model, load_tokenizer
     from sparseinfer.sparsity.data import load_text_tokens
 
     sequences = load_text_tokens(load_tokenizer(config.model), config.text, config.tokens, config.seq_len)
-    dtype = getattr(torch, config.dtype) if config.dtype else None
+    dtype = DTYPES[config.dtype] if config.dtype else None
     return load_model(config.model, dtype=dtype).eval(), sequences
 
 

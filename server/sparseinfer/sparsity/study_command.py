@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from sparseinfer.model.config import DTYPES
 from sparseinfer.sparsity.study import (
     DEFAULT_CETT,
     PAPER_CETT_TARGETS,
@@ -21,8 +22,6 @@ from sparseinfer.sparsity.study import (
     run_study_config,
     validate_cett,
 )
-
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,14 +59,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--rank", type=int, default=None, help="predictor rank (default: ~6%% of the FFN's size)")
     p.add_argument("--recall", type=float, default=0.99, help="predictor recall target (default %(default)s)")
-    p.add_argument("--dtype", choices=_DTYPES, default=None, help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the checkpoint's)")
     p.add_argument("--sidecar", type=Path, default=None, help="sidecar directory (default: the checkpoint's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run)
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
-    import torch
 
     if not args.model.is_dir():
         raise ValueError(f"MODEL {args.model}: not a directory")
@@ -90,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         predictors=args.predictors,
         predictor_rank=args.rank,
         recall_target=args.recall,
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
         sidecar_dir=args.sidecar,
         progress=not args.no_progress,
     )
