@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sparseinfer.sparsity.commands import register as register_sparsity_commands
 
     register_sparsity_commands(sub)
+    from sparseinfer.bench import register as register_bench_commands
+
+    register_bench_commands(sub)
     return parser
 
 
