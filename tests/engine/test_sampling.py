@@ -175,3 +175,14 @@ def test_sample_frequencies_follow_softmax():
 def test_sample_batch_rejects_mismatched_rows():
     with pytest.raises(ValueError):
         sample_batch(torch.randn(2, 5), [RequestSampler(SamplingParams(), [])])
+
+
+@pytest.mark.parametrize(("temperature", "penalty"), [(2e-156, 1.0), (1.0, 1e-300), (1e-45, 1e-300)])
+def test_extreme_but_valid_parameters_never_sample_nan(temperature, penalty):
+    # Regression: dividing ordinary logits by 2e-156 (or by a 1e-300 penalty) overflowed to +inf and the
+    # softmax turned the row into NaN, which crashed torch.multinomial.
+    logits = torch.tensor([3.0, -1.0, 2.5, 0.0])
+    params = SamplingParams(temperature=temperature, repetition_penalty=penalty, seed=0).validate()
+    sampler = RequestSampler(params, prompt_ids=[0, 2])
+    token = sampler.sample_row(logits)
+    assert token in (0, 2)  # the two largest (penalised) logits; never an error

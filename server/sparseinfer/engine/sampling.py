@@ -75,13 +75,18 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
     is invariant to the rest). Returns a new tensor; the input is not modified.
     """
     out = logits.float()
+    # A tiny temperature or penalty is valid yet can overflow finite logits to +inf (or, below fp32's
+    # smallest normal, turn into a division by zero), and softmax of a row holding +inf is NaN. Clamping
+    # to fp32's largest finite value keeps the order; the overflowed leaders share the draw.
+    top, tiny = torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny
     if params.repetition_penalty != 1.0 and seen is not None:
-        penalized = torch.where(out < 0, out * params.repetition_penalty, out / params.repetition_penalty)
-        out = torch.where(seen, penalized, out)
+        penalty = max(params.repetition_penalty, tiny)
+        penalized = torch.where(out < 0, out * penalty, out / penalty)
+        out = torch.where(seen, penalized, out).clamp(max=top)
     if params.greedy:
         return out if out is not logits else out.clone()
     if params.temperature != 1.0:
-        out = out / params.temperature
+        out = (out / max(params.temperature, tiny)).clamp(max=top)
     if 0 < params.top_k < out.shape[-1]:
         # Keep everything tied with the k-th largest, as HF does, so the result does not depend on sort order.
         kth = torch.topk(out, params.top_k, dim=-1).values[..., -1:]
