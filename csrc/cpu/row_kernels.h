@@ -1,0 +1,42 @@
+// The inner loops of the CPU sparse FFN, one implementation per instruction set
+// (row_kernels_*.cpp), behind plain function pointers. This header is ATen-free on purpose: the
+// AVX2 / AVX-512 files are compiled under `#pragma GCC target`, and no inline function from a torch
+// header may be compiled there (the linker could keep that copy and run AVX-512 code on a CPU
+// without it).
+#pragma once
+
+#include <cstdint>
+
+namespace sparseinfer {
+namespace cpu {
+
+enum class WeightType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// Rows handled by one call of `dots` / `axpys`; callers split longer lists.
+constexpr int kMaxDotRows = 4;
+constexpr int kMaxAxpyWeights = 4;
+
+struct RowKernels {
+  // out[r] = sum_c w[c] * xs[r][c], c < d, for r < nrows (nrows <= kMaxDotRows). The weight row is
+  // read once for all rows; the summation order depends only on d (not on threads or rows).
+  // `next` is the weight row the caller reads after this one (or nullptr): it is prefetched while
+  // this row streams in, because rows of different neurons are not adjacent and the hardware
+  // prefetcher stops at page boundaries.
+  void (*dots)(const void* w, const void* next, const float* const* xs, int nrows, int64_t d,
+               float* out);
+  // buf[rows[k] * ldb + c] += sum_i coefs[i][rows[k]] * ws[i][c] for c < len, k < nrows, i < nw
+  // (nw <= kMaxAxpyWeights): nw weight rows stream at once and each buf element is loaded and
+  // stored once per call. Each term is one fused multiply-add, applied in ascending i, so an
+  // element's value depends only on the sequence of (coef, weight) pairs, not on how calls group
+  // them or where len splits d. `nexts` (nw pointers or nullptr) are the rows read after these:
+  // prefetched.
+  void (*axpys)(const void* const* ws, int nw, const void* const* nexts, const float* const* coefs,
+                const int32_t* rows, int nrows, float* buf, int64_t ldb, int64_t len);
+};
+
+RowKernels scalar_row_kernels(WeightType type);
+RowKernels avx2_row_kernels(WeightType type);
+RowKernels avx512_row_kernels(WeightType type);
+
+}  // namespace cpu
+}  // namespace sparseinfer
