@@ -1,0 +1,133 @@
+"""The load generator of `sparseinfer bench serve` (sparseinfer.bench.serve_load) against the scripted fake
+server: request counts per pattern, token timing, error counting, and the percentile against numpy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import grpc
+import numpy as np
+import pytest
+
+from sparseinfer.bench.serve import format_table, load_configs
+from sparseinfer.bench.serve_load import LoadConfig, RequestRecord, percentile, run_load, summarise
+from sparseinfer_client import NO_RETRY, AsyncClient
+
+
+@pytest.mark.parametrize("q", [0, 1, 50, 90, 99, 100])
+@pytest.mark.parametrize("n", [1, 2, 7, 100])
+def test_percentile_matches_numpy(q, n):
+    values = list(np.random.default_rng(n).exponential(size=n))
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert math.isnan(percentile([], 50))
+
+
+def _run(fake_server, config):
+    async def go():
+        async with AsyncClient(fake_server.target, retry=NO_RETRY) as client:
+            return await run_load(client, config)
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_runs_send_exactly_the_requests(fake_server, mode):
+    config = LoadConfig(mode=mode, concurrency=3, rate=200.0, requests=7, warmup=2, max_new_tokens=4)
+    records, wall = _run(fake_server, config)
+    assert len(records) == 7 and wall > 0
+    assert fake_server.servicer.attempts("GenerateStream") == 9  # + warm-up
+    request = fake_server.servicer.calls[-1][2]
+    assert request.details.tokens and request.stopping.ignore_eos and request.sampling.temperature == 0
+    summary = summarise(records, wall, config)
+    # The fake streams 3 one-token chunks per request, the last with the report (computed share 0.25).
+    assert summary["succeeded"] == 7 and summary["errors"] == {}
+    assert summary["output_tokens_per_s"] == pytest.approx(21 / wall)
+    assert summary["mean_computed_share"] == pytest.approx(0.25)
+    assert all(len(r.gaps) == 2 and r.tokens == 3 for r in records)  # gaps between tokens
+    assert summary["ttft_s"]["p50"] <= summary["e2e_s"]["p50"]
+
+
+def test_errors_are_counted_by_status(fake_server):
+    fake_server.servicer.script.fail_first = [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+    config = LoadConfig(concurrency=1, requests=5, warmup=0)
+    records, wall = _run(fake_server, config)
+    summary = summarise(records, wall, config)
+    assert summary["errors"] == {"RESOURCE_EXHAUSTED": 2} and summary["succeeded"] == 3
+
+
+def test_summary_of_hand_made_records():
+    records = [
+        RequestRecord(sent=0.0, first_token=0.1, done=0.5, tokens=5, gaps=[0.1, 0.1, 0.1, 0.1],
+                      computed_share=0.5, hot_share=1.0, server_per_token_s=0.1),
+        RequestRecord(sent=0.2, first_token=0.5, done=0.9, tokens=5, gaps=[0.1, 0.1, 0.1, 0.1],
+                      computed_share=0.3, hot_share=1.0, server_per_token_s=0.1),
+        RequestRecord(sent=0.3, done=0.4, error="INVALID_ARGUMENT"),
+    ]  # fmt: skip
+    config = LoadConfig(concurrency=2)
+    s = summarise(records, 1.0, config)
+    assert s["requests_per_s"] == 2.0 and s["output_tokens_per_s"] == 10.0
+    assert s["ttft_s"]["mean"] == pytest.approx(0.2) and s["e2e_s"]["p50"] == pytest.approx(0.6)
+    assert s["tpot_s"]["mean"] == pytest.approx(0.1) and s["mean_computed_share"] == pytest.approx(0.4)
+    assert s["errors"] == {"INVALID_ARGUMENT": 1}
+    table = format_table({"meta": _meta(), "rows": [s]})
+    assert "| closed, concurrency 2 | 2 / 3 | INVALID_ARGUMENT 1 | 2.00 | 10.0 |" in table
+
+
+def _meta():
+    return {
+        "date": "d", "python": "3", "cpu": "c", "target": "t", "num_layers": 2, "max_batch_size": 8,
+        "model": {"model_id": "m", "architecture": "llama", "activation": "relu2", "dtype": "float32"},
+        "default_sparsity_mode": "dense", "config": {"max_new_tokens": 5}, "engine_baseline": None,
+    }  # fmt: skip
+
+
+def test_config_validation_and_defaults():
+    import argparse
+
+    from sparseinfer.bench.serve import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--target", "x:1", "--concurrency", "1,16"])
+    configs = load_configs(args)
+    assert [(c.mode, c.concurrency, c.requests) for c in configs] == [("closed", 1, 8), ("closed", 16, 48)]
+    args = parser.parse_args(
+        ["serve", "--target", "x:1", "--mode", "both", "--concurrency", "2", "--rate", "3,5"]
+    )
+    configs = load_configs(args)
+    assert [(c.mode, c.concurrency, c.rate, c.requests) for c in configs] == [
+        ("closed", 2, 1.0, 8), ("open", 1, 3.0, 32), ("open", 1, 5.0, 32)
+    ]  # fmt: skip
+    args = parser.parse_args(["serve", "--target", "x:1", "--max-new-tokens", "1"])
+    with pytest.raises(ValueError, match="max-new-tokens"):
+        load_configs(args)
+    with pytest.raises(ValueError, match="rate"):
+        LoadConfig(mode="open", rate=0).validate()
+
+
+def test_bench_serve_end_to_end(tiny_random_checkpoint, tmp_path, capsys):
+    """`sparseinfer bench serve --target ... --engine-baseline --results DIR` against a real server."""
+    from sparseinfer.cli import main
+    from sparseinfer.serving.config import ServeConfig
+    from sparseinfer.serving.server import start_server
+
+    handle = start_server(ServeConfig(model=tiny_random_checkpoint, port=0))
+    try:
+        argv = ["bench", "serve", "--target", f"127.0.0.1:{handle.port}", "--concurrency", "1,16",
+                "--requests", "16", "--max-new-tokens", "4", "--model", str(tiny_random_checkpoint),
+                "--engine-baseline", "--threads", "1", "--results", str(tmp_path)]  # fmt: skip
+        assert main(argv) in (0, None)
+    finally:
+        handle.stop(grace=1.0)
+    result = json.loads((tmp_path / "serve.json").read_text())
+    rows = result["rows"]
+    assert [(r["concurrency"], r["requests"], r["succeeded"]) for r in rows] == [(1, 16, 16), (16, 16, 16)]
+    assert all(r["output_tokens_per_s"] > 0 and r["mean_computed_share"] == 1.0 for r in rows)
+    base = result["meta"]["engine_baseline"]
+    assert base["rounds"] == 7 and base["engine_per_token_s"] > 0 and base["server_per_token_s"] > 0
+    assert "scaling_16_vs_1" in result["meta"]
+    table = (tmp_path / "serve.md").read_text()
+    assert "| closed, concurrency 16 | 16 / 16 |" in table and "the server adds" in table
+    assert table in capsys.readouterr().out
