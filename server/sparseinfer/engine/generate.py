@@ -9,6 +9,10 @@ Context length: a request whose prompt plus ``max_new_tokens`` exceeds the gener
 rejected with a ``ValueError`` naming ``max_new_tokens`` instead of being silently shortened, so a caller
 always gets the budget it asked for or an error it can act on.
 
+Sparsity: with a ``SparseRuntime`` (``engine.modes``) installed, every request runs in its own sparsity mode
+(``start(..., sparsity_mode=)``, default the runtime's); without one every request runs dense. Either way each
+step's FFN work is counted into ``seq.sparsity`` (see ``engine.accounting``).
+
 A ``Generator`` is not thread-safe: one thread (the CLI, or the server's batcher loop) drives it.
 """
 
@@ -21,7 +25,10 @@ from typing import Any
 
 import torch
 
+from sparseinfer.engine.accounting import SparsityTally
 from sparseinfer.engine.kv_cache import KVCache
+from sparseinfer.engine.modes import SparseRuntime, validate_mode
+from sparseinfer.engine.placement import neuron_bytes
 from sparseinfer.engine.sampling import SamplingParams, sample_batch
 from sparseinfer.engine.sequence import GenerationEvent, GenerationResult, Sequence
 from sparseinfer.model.tokenizer import IncrementalDecoder, Tokenizer
@@ -43,6 +50,7 @@ class Generator:
         max_batch: int = 1,
         max_seq: int | None = None,
         cache: KVCache | None = None,
+        sparsity: SparseRuntime | None = None,
     ) -> None:
         if max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {max_batch}")
@@ -50,6 +58,17 @@ class Generator:
         if max_seq is not None and max_seq <= 0:
             raise ValueError(f"max_seq must be > 0, got {max_seq}")
         self.model = model
+        self.sparsity = sparsity
+        # Per-layer FFN width and bytes per neuron, for the per-request accounting (none for a model without
+        # the decoder's FFN layout, e.g. the generation loop's test doubles).
+        self._layer_neurons: tuple[int, ...] = ()
+        self._neuron_bytes: tuple[int, ...] = ()
+        if sparsity is not None:
+            self._layer_neurons, self._neuron_bytes = sparsity.layer_neurons, sparsity.neuron_bytes
+        elif hasattr(model, "layers") and hasattr(model.config, "intermediate_size"):
+            L = len(model.layers)
+            self._layer_neurons = (int(model.config.intermediate_size),) * L
+            self._neuron_bytes = (neuron_bytes(model),) * L
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_seq = min(max_seq, context) if max_seq is not None else context
@@ -67,12 +86,18 @@ class Generator:
 
     # ---- step-level core -------------------------------------------------------------------------------
 
-    def start(self, prompt: Prompt, params: SamplingParams, request_id: Any = None) -> Sequence:
+    def start(
+        self, prompt: Prompt, params: SamplingParams, request_id: Any = None, sparsity_mode: str | None = None
+    ) -> Sequence:
         """Validate ``params``, tokenize ``prompt`` and check it fits; no compute yet.
 
         Text is encoded with the checkpoint's own BOS convention; token ids are used as given.
+        ``sparsity_mode`` ("dense" | "oracle" | "predicted") overrides the generator's default for this
+        request; a mode this generator cannot run (no sparse runtime, or its sidecar section missing) raises
+        here.
         """
         params.validate()
+        mode = self._mode(sparsity_mode)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("prompt must contain at least one token")
@@ -87,7 +112,40 @@ class Generator:
                 else f"prompt has {len(ids)} tokens but the context length is {self.max_seq}"
             )
         decoder = IncrementalDecoder(self.tokenizer, ids)
-        return Sequence(ids, params, decoder, self.eos_token_ids, request_id)
+        tally = SparsityTally(mode, self._layer_neurons, self._neuron_bytes)
+        return Sequence(ids, params, decoder, self.eos_token_ids, request_id, sparsity=tally)
+
+    def _mode(self, requested: str | None) -> str:
+        if self.sparsity is not None:
+            return self.sparsity.check_mode(requested if requested is not None else self.sparsity.config.mode)
+        mode = validate_mode(requested if requested is not None else "dense")
+        if mode != "dense":
+            raise ValueError(
+                f"sparsity mode {mode!r} needs sparse execution, but this generator runs the model dense "
+                "(build it with a SparseRuntime, e.g. `sparseinfer generate --sparsity oracle`)"
+            )
+        return mode
+
+    def _forward(
+        self, seqs: SequenceABC[Sequence], tokens: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
+        """The model forward of one step, with each row's sparsity mode and the step's accounting."""
+        T = tokens.shape[1]
+        if self.sparsity is None:
+            logits = self.model(tokens, cache=self.cache, slots=slots, last_only=True)  # (B, 1, V)
+            for seq in seqs:  # dense: every neuron of every layer, all on the model's device
+                seq.sparsity.record_step(T)
+                for li, m in enumerate(self._layer_neurons):
+                    seq.sparsity.record_layer(li, T, T * m, T * m, m)
+            return logits
+        ctx = self.sparsity.begin([s.sparsity.mode for s in seqs])
+        try:
+            logits = self.model(tokens, cache=self.cache, slots=slots, last_only=True)  # (B, 1, V)
+        except BaseException:
+            self.sparsity.state.context = None
+            raise
+        self.sparsity.end(ctx, [s.sparsity for s in seqs], T)
+        return logits
 
     @property
     def free_slots(self) -> int:
@@ -102,7 +160,7 @@ class Generator:
         try:
             tokens = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
             slots = torch.tensor([seq.slot], dtype=torch.long, device=self.device)  # (1,)
-            logits = self.model(tokens, cache=self.cache, slots=slots, last_only=True)  # (1, 1, V)
+            logits = self._forward([seq], tokens, slots)  # (1, 1, V)
             (token,) = sample_batch(logits[:, -1, :], [seq.sampler])
             event = seq.append(token)
         except BaseException:
@@ -125,7 +183,7 @@ class Generator:
                 raise RuntimeError(f"sequence {seq.request_id!r} is not live (prefill it first)")
         tokens = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)  # (B,)
-        logits = self.model(tokens, cache=self.cache, slots=slots, last_only=True)  # (B, 1, V)
+        logits = self._forward(seqs, tokens, slots)  # (B, 1, V)
         picked = sample_batch(logits[:, -1, :], [s.sampler for s in seqs])
         events = [seq.append(token) for seq, token in zip(seqs, picked, strict=True)]
         for seq in seqs:
@@ -141,18 +199,27 @@ class Generator:
 
     # ---- loops -----------------------------------------------------------------------------------------
 
-    def generate_stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[GenerationEvent]:
+    def generate_stream(
+        self, prompt: Prompt, params: SamplingParams, sparsity_mode: str | None = None
+    ) -> Iterator[GenerationEvent]:
         """Stream one request's events; the last has ``finish_reason`` and ``stats``.
 
         Invalid params or prompts raise here, at the call, not at the first ``next()``. Closing the
         iterator early releases the cache slot.
         """
-        return self._drive_one(self.start(prompt, params))
+        return self._drive_one(self.start(prompt, params, sparsity_mode=sparsity_mode))
 
-    def generate(self, prompt: Prompt, params: SamplingParams) -> GenerationResult:
+    def generate(
+        self, prompt: Prompt, params: SamplingParams, sparsity_mode: str | None = None
+    ) -> GenerationResult:
         """Run one request to completion."""
-        seq = self.start(prompt, params)
+        seq = self.start(prompt, params, sparsity_mode=sparsity_mode)
         return GenerationResult.collect(self._drive_one(seq), seq.seed)
+
+    def stream(self, seq: Sequence) -> Iterator[GenerationEvent]:
+        """Stream the events of a sequence from ``start`` (prefill, then decode steps until it finishes);
+        closing the iterator early releases the cache slot."""
+        return self._drive_one(seq)
 
     def _drive_one(self, seq: Sequence) -> Iterator[GenerationEvent]:
         try:
@@ -163,21 +230,28 @@ class Generator:
             self.release(seq)
 
     def generate_batch(
-        self, prompts: SequenceABC[Prompt], params: SamplingParams | SequenceABC[SamplingParams]
+        self,
+        prompts: SequenceABC[Prompt],
+        params: SamplingParams | SequenceABC[SamplingParams],
+        sparsity_modes: SequenceABC[str | None] | None = None,
     ) -> list[GenerationResult]:
         """Run requests together: decode steps are batched over all live sequences.
 
         Up to ``max_batch`` run at once; a waiting request is prefilled as soon as a slot frees up (the
         same admit-then-step loop the server's continuous batcher runs). ``params`` is one value for all
-        or one per prompt. Results come back in prompt order.
+        or one per prompt; ``sparsity_modes`` one mode (or None: the default) per prompt. Results come back
+        in prompt order.
         """
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
+        modes = list(sparsity_modes) if sparsity_modes is not None else [None] * len(prompts)
+        if len(modes) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(modes)} sparsity_modes")
         # Validate everything before any compute so one bad request cannot leave others half-done.
         seqs = [
-            self.start(p, sp, request_id=i)
-            for i, (p, sp) in enumerate(zip(prompts, params_list, strict=True))
+            self.start(p, sp, request_id=i, sparsity_mode=mo)
+            for i, (p, sp, mo) in enumerate(zip(prompts, params_list, modes, strict=True))
         ]
         events: list[list[GenerationEvent]] = [[] for _ in seqs]
         waiting = deque(seqs)

@@ -14,6 +14,7 @@ from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from sparseinfer.engine.accounting import SparsityTally
 from sparseinfer.engine.sampling import RequestSampler, SamplingParams
 
 FinishReason = Literal["length", "eos", "stop"]
@@ -152,8 +153,11 @@ class Sequence:
         decoder: TextDecoder,
         eos_token_ids: frozenset[int],
         request_id: Any = None,
+        sparsity: SparsityTally | None = None,
     ) -> None:
         self.request_id = request_id
+        # Per-request sparsity accounting, filled by the Generator at every step (the server reads .report()).
+        self.sparsity = sparsity if sparsity is not None else SparsityTally()
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.sampler = RequestSampler(params, self.prompt_ids)

@@ -1,0 +1,204 @@
+"""One FFN layer's weights split into tiers (hot on the fast device, cold on the CPU), and the hybrid step.
+
+A ``Tier`` holds a contiguous shard of the layer's neurons: rows of W_in / W_up and rows of W_out^T (one row
+per neuron, the layout the sparse kernels read), plus ``ids``, the global neuron ids of its rows (ascending).
+``TieredFFN`` keeps the global → (tier, local row) maps and runs the hybrid step:
+
+    union (global ids) → hot local ids + cold local ids → launch the hot part (CUDA kernels are asynchronous,
+    so this returns at once) → compute the cold part on the CPU meanwhile → sum on the output device.
+
+Above ``crossover`` (union size / m) the dense GEMMs beat the gather kernels, so the step runs each tier
+densely instead (with the same masks, so the result is the same function). Without a GPU both tiers are on
+the CPU: the same code runs, which is how the split is tested on CPU-only machines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sparseinfer import ops
+from sparseinfer.model.ffn import activation_fn
+
+# Union density above which a layer runs the dense GEMMs instead of the sparse kernels, per weight dtype
+# (``SparsityConfig.crossover`` overrides it; set what the deployment's own machine measures). Measured on the
+# 2-core AMD EPYC dev machine, 2026-11-28, LLaMA-7B FFN shape, compiled CPU kernels:
+# - benchmarks/results/kernels.md (`bench kernels`): crossover 50% for fp32 at batch 1, 100% for bf16 at
+#   batch 1, and "sparse always faster" at batch 4 and 16 in both dtypes;
+# - benchmarks/results/decode.md and a batch sweep here: in bf16 the kernel beat torch's dense FFN at every
+#   density 5-100% for batch 1-512 (100%, batch 1: 18.5 vs 33.6 ms), torch's CPU bf16 GEMM being slow.
+# So: fp32 falls back above 50% (the batch-1 decode case, which matters most), 16-bit dtypes never. These
+# runs shared the machine with other jobs (load 5-12 on 2 cores); a GPU needs its own figures.
+CROSSOVER_BY_DTYPE = {torch.float32: 0.5, torch.bfloat16: 1.0, torch.float16: 1.0}
+DEFAULT_CROSSOVER = 1.0  # for a dtype not in the table
+
+
+def default_crossover(dtype: torch.dtype) -> float:
+    return CROSSOVER_BY_DTYPE.get(dtype, DEFAULT_CROSSOVER)
+
+
+@dataclass
+class Tier:
+    device: torch.device
+    ids: torch.Tensor  # (m_t,) int64 global neuron ids, ascending, on the CPU
+    w_in: torch.Tensor  # (m_t, d)
+    w_up: torch.Tensor | None  # (m_t, d) or None (non-gated)
+    w_out_t: torch.Tensor  # (m_t, d): the sparse kernels' layout
+    w_out: torch.Tensor  # (d, m_t): the dense fallback's (a CPU bf16 GEMM with the transposed layout runs
+    # ~70× slower than with this one, so CPU tiers in 16-bit dtypes keep both; elsewhere it is a view)
+    norms: torch.Tensor  # (m_t,) float32 ‖W_out[:, i]‖₂, for the active-neuron test
+    hot: bool  # served by the fast tier (accounting's hot_share)
+
+    @property
+    def size(self) -> int:
+        return int(self.ids.numel())
+
+    @property
+    def nbytes(self) -> int:
+        ws = [self.w_in, self.w_out_t] + ([self.w_up] if self.w_up is not None else [])
+        if self.w_out.data_ptr() != self.w_out_t.data_ptr():
+            ws.append(self.w_out)
+        return sum(w.numel() * w.element_size() for w in ws)
+
+
+def make_tier(
+    w_in: torch.Tensor,
+    w_up: torch.Tensor | None,
+    w_out: torch.Tensor,
+    ids: torch.Tensor,
+    device: torch.device,
+    hot: bool,
+) -> Tier:
+    """Copy rows ``ids`` of a layer's weights into a contiguous shard on ``device``.
+
+    w_in / w_up: (m, d) gate_proj / up_proj weights; w_out: (d, m) down_proj weight. A shard of every neuron,
+    in order, on the weights' own device reuses w_in / w_up / w_out as they are (no copy: a memory-mapped
+    checkpoint stays mapped); only W_out^T is always a new tensor.
+    """
+    ids = ids.to("cpu", torch.long)
+    m = w_in.shape[0]
+    whole = ids.numel() == m and bool(torch.equal(ids, torch.arange(m))) and w_in.device == device
+
+    def shard(w: torch.Tensor) -> torch.Tensor:
+        if whole and w.is_contiguous():
+            return w
+        return w.index_select(0, ids.to(w.device)).to(device).contiguous()  # (m_t, d)
+
+    w_out_t = w_out.t().index_select(0, ids.to(w_out.device)).to(device).contiguous()  # (m_t, d)
+    if device.type == "cpu" and w_out.dtype != torch.float32:
+        dense_out = w_out if whole and w_out.is_contiguous() else w_out_t.t().contiguous()  # (d, m_t)
+    else:
+        dense_out = w_out_t.t()  # (d, m_t) view: fp32 BLAS and cuBLAS take either layout at full speed
+    norms = torch.linalg.vector_norm(w_out_t.float(), dim=1)  # (m_t,)
+    w_up_t = shard(w_up) if w_up is not None else None
+    return Tier(device, ids, shard(w_in), w_up_t, w_out_t, dense_out, norms, hot)
+
+
+class TieredFFN:
+    """A layer's neurons in one or two tiers, and the hybrid sparse / dense computation over them."""
+
+    def __init__(
+        self, tiers: list[Tier], num_neurons: int, out_device: torch.device, activation: str, threshold: float
+    ) -> None:
+        self.tiers = [t for t in tiers if t.size > 0]
+        self.m = num_neurons
+        self.out_device = out_device
+        self.activation = activation
+        self.threshold = threshold
+        self.act = activation_fn(activation, threshold)
+        tier_of = torch.full((num_neurons,), -1, dtype=torch.long)
+        local = torch.zeros(num_neurons, dtype=torch.int32)
+        for ti, t in enumerate(self.tiers):
+            tier_of[t.ids] = ti
+            local[t.ids] = torch.arange(t.size, dtype=torch.int32)
+        if bool((tier_of < 0).any()):
+            raise ValueError("tiers do not cover every neuron of the layer")
+        self.tier_of = tier_of.to(out_device)  # (m,)
+        self.local = local.to(out_device)  # (m,) row of each neuron inside its tier
+        # A single tier that holds every neuron in order on the output device needs no index translation.
+        only = self.tiers[0] if len(self.tiers) == 1 else None
+        self._identity = only is not None and only.device == out_device
+        self._ids_dev = [t.ids.to(out_device) for t in self.tiers]
+        hot = torch.zeros(num_neurons, dtype=torch.bool)
+        for t in self.tiers:
+            hot[t.ids] = t.hot
+        self.hot_mask = hot.to(out_device)  # (m,) served by the hot tier
+
+    def activations(self, x: torch.Tensor, tier: Tier) -> torch.Tensor:
+        """Dense h of one tier's neurons: x (N, d) on the tier's device -> (N, m_t), in x's dtype."""
+        h = self.act(F.linear(x, tier.w_in))  # (N, m_t)
+        if tier.w_up is not None:
+            up = F.linear(x, tier.w_up)  # (N, m_t)
+            h = h * (F.relu(up) if self.activation == "drelu" else up)
+        return h
+
+    def true_mask(self, x: torch.Tensor, eps: float) -> torch.Tensor:
+        """(N, m) bool on the output device: the truly active neurons (|h_i|·‖W_out[:, i]‖ ≥ ε)."""
+        if self._identity:
+            t = self.tiers[0]
+            return self.activations(x, t).float().abs() * t.norms >= eps
+        mask = torch.empty(x.shape[0], self.m, dtype=torch.bool, device=self.out_device)
+        for t, ids in zip(self.tiers, self._ids_dev, strict=True):
+            h = self.activations(x.to(t.device), t)  # (N, m_t)
+            mask[:, ids] = (h.float().abs() * t.norms >= eps).to(self.out_device)
+        return mask
+
+    def dense(self, x: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
+        """Every neuron computed with the dense GEMMs; h zeroed where ``row_mask`` (N, m) is False."""
+        # Inputs go to every tier before any compute (see ``forward``: no copy may queue behind the hot work).
+        inputs = []
+        for t, ids in zip(self.tiers, self._ids_dev, strict=True):
+            keep = None
+            if row_mask is not None:
+                keep = (row_mask if self._identity else row_mask[:, ids]).to(t.device)  # (N, m_t)
+            inputs.append((t, x.to(t.device), keep))
+        parts = []
+        for t, xt, keep in inputs:
+            h = self.activations(xt, t)  # (N, m_t)
+            if keep is not None:
+                h = h * keep.to(h.dtype)
+            parts.append(F.linear(h, t.w_out))  # (N, d) on the tier's device
+        return self._sum(parts)
+
+    def _sum(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        out = parts[0].to(self.out_device)
+        for p in parts[1:]:
+            out = out + p.to(self.out_device)
+        return out
+
+    def forward(
+        self, x: torch.Tensor, union: torch.Tensor, row_mask: torch.Tensor | None, crossover: float
+    ) -> torch.Tensor:
+        """FFN over the neurons in ``union`` (int32 ascending global ids), h masked per row by ``row_mask``
+        (N, m) when given (None: every row uses the whole union). x (N, d) -> (N, d) on the output device."""
+        if union.numel() > crossover * self.m:
+            if row_mask is None and union.numel() < self.m:
+                row_mask = torch.zeros(x.shape[0], self.m, dtype=torch.bool, device=self.out_device)
+                row_mask[:, union.long()] = True
+            return self.dense(x, row_mask)
+        if self._identity:
+            t = self.tiers[0]
+            return ops.sparse_ffn(
+                x, t.w_in, t.w_up, t.w_out_t, union, row_mask, self.activation, self.threshold
+            )
+        # Split the union into each tier's local rows (ascending: tier ids and the union both are), and move
+        # every input to its tier BEFORE any launch: a device-to-host copy issued after the hot launch would
+        # wait for the hot kernels on the stream and serialise the two tiers.
+        which = self.tier_of[union.long()]  # (n,)
+        work = []
+        for ti, (t, ids) in enumerate(zip(self.tiers, self._ids_dev, strict=True)):
+            rows = self.local[union[which == ti].long()]  # (n_t,) int32 ascending
+            if rows.numel() == 0:
+                continue
+            mask = None if row_mask is None else row_mask[:, ids].to(t.device)  # (N, m_t)
+            work.append((t, x.to(t.device), rows.to(t.device), mask))
+        if not work:
+            return torch.zeros_like(x, device=self.out_device)
+        # Hot tier first (its CUDA kernels return at once), then the CPU computes the cold tier meanwhile.
+        parts = [
+            ops.sparse_ffn(xt, t.w_in, t.w_up, t.w_out_t, rows, mask, self.activation, self.threshold)
+            for t, xt, rows, mask in work
+        ]  # each (N, d) on its tier's device
+        return self._sum(parts)

@@ -1,0 +1,211 @@
+"""The sparse FFN executor: the module that replaces a decoder layer's ``mlp`` when sparse execution is on.
+
+Per step it chooses every row's active set by that row's sparsity mode, runs the layer over the union of the
+rows' sets (hybrid hot/cold, see ``hybrid.py``) with a per-row mask, and records per-request counts:
+
+- ``dense``: every neuron (the dense GEMMs, no mask);
+- ``oracle``: the truly active neurons, |h_i|·‖W_out[:, i]‖₂ ≥ ε_l (PAPER.md; ``sparsity.neurons``) from the
+  calibrated thresholds: exactly the study's ``oracle_truncation`` model, the quality reference. It needs the
+  dense h to find them, so it is no faster than dense;
+- ``predicted``: the low-rank predictor's logits → ``ops.select_active`` with the layer's calibrated score
+  threshold → ``ops.sparse_ffn`` over the union with the row mask (the fast path).
+
+Rows of different modes share one batch: the row mask gives each row exactly its own set (dense rows: all
+neurons), so a row's output never depends on its batch-mates (up to fp32 summation order).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseinfer import ops
+from sparseinfer.engine.hybrid import DEFAULT_CROSSOVER, TieredFFN
+
+# Per batch row, per layer: neurons computed, of those hot, the row's union over its tokens, truly active,
+# truly active and computed (the last two are 0 where not measured; ``measured`` says where they are).
+COUNT_FIELDS = ("selected", "hot", "union", "truly_active", "truly_computed")
+# A (B, 5) int64 tensor, or (cheaper when the numbers are known on the host) B lists of 5 ints / 0-d tensors.
+Counts = torch.Tensor | list[list[int | torch.Tensor]]
+
+
+class LayerPredictor:
+    """A layer's low-rank predictor in the model dtype: logits = W2 φ(W1 x + b1) + b2, active iff logit >
+    ``threshold`` (the calibrated score threshold t moved to the logit scale, log(t / (1 - t)); the
+    training code's rule is score ≥ t, which differs only on exact ties)."""
+
+    def __init__(
+        self,
+        w1: torch.Tensor,
+        b1: torch.Tensor,
+        w2: torch.Tensor,
+        b2: torch.Tensor,
+        score_threshold: float,
+        hidden_activation: str | None,
+    ) -> None:
+        self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2  # (r, d), (r,), (m, r), (m,)
+        self.hidden_activation = hidden_activation
+        self.score_threshold = t = float(score_threshold)
+        self.threshold = -math.inf if t <= 0.0 else math.inf if t >= 1.0 else math.log(t / (1.0 - t))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, d) -> (N, m) logits in the weights' dtype."""
+        z = F.linear(x.to(self.w1.dtype), self.w1, self.b1)  # (N, r)
+        if self.hidden_activation == "relu":
+            z = F.relu(z)
+        return F.linear(z, self.w2, self.b2)  # (N, m)
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel() for t in (self.w1, self.b1, self.w2, self.b2))
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> LayerPredictor:
+        """A copy on ``device`` in ``dtype`` (the model's: a bf16 model reads half the predictor bytes)."""
+        w = (t.to(device, dtype).contiguous() for t in (self.w1, self.b1, self.w2, self.b2))
+        return LayerPredictor(*w, self.score_threshold, self.hidden_activation)
+
+
+@dataclass
+class StepContext:
+    """What the engine tells every executor about the current forward: each batch row's mode."""
+
+    modes: tuple[str, ...]  # per batch row (B,)
+    measure_truth: bool = False  # also measure the true active set of predicted / dense rows
+    counts: list[Counts | None] = field(default_factory=list)  # per layer: (B, 5), see COUNT_FIELDS
+    measured: list[tuple[bool, ...] | None] = field(default_factory=list)  # per layer: per row
+
+
+@dataclass
+class StepState:
+    """Shared by a model's executors: the current step's context (None outside a Generator step: then every
+    row runs ``default_mode`` and nothing is recorded) and the dense-fallback crossover."""
+
+    default_mode: str = "dense"
+    crossover: float = DEFAULT_CROSSOVER
+    context: StepContext | None = None
+
+
+class SparseFFN(nn.Module):
+    """Drop-in replacement for ``Block.mlp``: (B, T, d) -> (B, T, d)."""
+
+    def __init__(
+        self,
+        layer: int,
+        tiered: TieredFFN,
+        state: StepState,
+        eps: float | None,
+        predictor: LayerPredictor | None,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.tiered = tiered
+        self.state = state
+        self.eps = eps  # ε_l from the calibration (None: no oracle mode)
+        self.predictor = predictor
+        self.m = tiered.m
+        self._hot_count = int(tiered.hot_mask.sum())
+
+    def _truth(self, x: torch.Tensor) -> torch.Tensor:
+        if self.eps is None:
+            raise RuntimeError("no calibrated threshold for this layer (oracle mode is not available)")
+        return self.tiered.true_mask(x, self.eps)  # (N, m)
+
+    def _predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.predictor is None:
+            raise RuntimeError("no predictor for this layer (predicted mode is not available)")
+        scores = self.predictor.scores(x)  # (N, m)
+        if scores.dtype not in (torch.float32, torch.bfloat16):
+            scores = scores.float()
+        return ops.select_active(scores, self.predictor.threshold, 0)  # (N, m) bool, (n,) int32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        xf = x.reshape(B * T, d)  # (N, d)
+        ctx = self.state.context
+        modes = ctx.modes if ctx is not None else (self.state.default_mode,) * B
+        if len(modes) != B:
+            raise RuntimeError(f"step context has {len(modes)} modes for a batch of {B} rows")
+        measure = ctx is not None and ctx.measure_truth
+        kinds = set(modes)
+        if kinds == {"dense"} and not measure:
+            out = self.tiered.dense(xf, None)  # (N, d)
+            if ctx is not None:
+                self._record_dense(ctx, B, T)
+            return out.view(B, T, d)
+
+        truth = self._truth(xf) if ("oracle" in kinds or measure) else None  # (N, m)
+        if kinds == {"predicted"}:
+            row_mask, union = self._predict(xf)
+        elif kinds == {"oracle"}:
+            assert truth is not None
+            row_mask = truth
+            union = truth.any(0).nonzero().flatten().to(torch.int32)  # (n,)
+        else:
+            row_mode = torch.tensor(  # (N,) 0 dense, 1 oracle, 2 predicted
+                [("dense", "oracle", "predicted").index(mo) for mo in modes for _ in range(T)],
+                device=x.device,
+            )
+            row_mask = (row_mode == 0)[:, None].expand(B * T, self.m)  # (N, m)
+            if truth is not None and "oracle" in kinds:
+                row_mask = torch.where((row_mode == 1)[:, None], truth, row_mask)
+            if "predicted" in kinds:
+                row_mask = torch.where((row_mode == 2)[:, None], self._predict(xf)[0], row_mask)
+            row_mask = row_mask.contiguous()  # an all-dense batch leaves the expanded view
+            union = row_mask.any(0).nonzero().flatten().to(torch.int32)  # (n,)
+        # One row: its mask is the union itself, so the kernel needs none.
+        out = self.tiered.forward(xf, union, row_mask if B * T > 1 else None, self.state.crossover)  # (N, d)
+        if ctx is not None:
+            if B * T == 1 and truth is None:
+                self._record_one(ctx, union)
+            else:
+                self._record(ctx, modes, B, T, row_mask, truth)
+        return out.view(B, T, d)
+
+    # ---- accounting ----
+    def _store(self, ctx: StepContext, counts: Counts, measured: tuple[bool, ...]) -> None:
+        while len(ctx.counts) <= self.layer:
+            ctx.counts.append(None)
+            ctx.measured.append(None)
+        ctx.counts[self.layer] = counts
+        ctx.measured[self.layer] = measured
+
+    def _record_dense(self, ctx: StepContext, B: int, T: int) -> None:
+        row = [T * self.m, T * self._hot_count, self.m, 0, 0]
+        self._store(ctx, [row] * B, (False,) * B)
+
+    def _record_one(self, ctx: StepContext, union: torch.Tensor) -> None:
+        # One token (a batch-1 decode step): its set is the union, so the counts need no (1, m) reductions.
+        n = int(union.numel())
+        if self._hot_count in (0, self.m):  # one tier: no lookup needed
+            hot: int | torch.Tensor = n if self._hot_count else 0
+        else:
+            hot = self.tiered.hot_mask[union.long()].sum()
+        self._store(ctx, [[n, hot, n, 0, 0]], (False,))
+
+    def _record(
+        self,
+        ctx: StepContext,
+        modes: tuple[str, ...],
+        B: int,
+        T: int,
+        row_mask: torch.Tensor,
+        truth: torch.Tensor | None,
+    ) -> None:
+        rm = row_mask.reshape(B, T, self.m)  # (B, T, m)
+        selected = rm.sum((1, 2))  # (B,)
+        hot = (rm & self.tiered.hot_mask).sum((1, 2))  # (B,)
+        union = rm.any(1).sum(-1)  # (B,)
+        measured = tuple(
+            truth is not None and (mo == "oracle" or ctx.measure_truth) for mo in modes
+        )  # per row: only where the row's own mode (or the caller) asked for it
+        if truth is not None:
+            tm = truth.reshape(B, T, self.m)
+            truly = tm.sum((1, 2))  # (B,)
+            computed = (tm & rm).sum((1, 2))  # (B,)
+        else:
+            truly = computed = torch.zeros_like(selected)
+        self._store(ctx, torch.stack([selected, hot, union, truly, computed], dim=1), measured)

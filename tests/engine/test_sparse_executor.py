@@ -1,0 +1,175 @@
+"""The sparse FFN executor and the hybrid split, against the dense FFN formula of PAPER.md with the same mask.
+
+The oracle is written here from the formula (h = σ(W_in x) [⊙ W_up x], FFN = W_out (h ⊙ mask)) with the
+model's own activation functions, independent of the executor's tier/index bookkeeping.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparseinfer.engine.hybrid import TieredFFN, make_tier
+from sparseinfer.engine.sparse_ffn import LayerPredictor, SparseFFN, StepContext, StepState
+from sparseinfer.model.ffn import activation_fn
+from sparseinfer.sparsity.neurons import active_mask
+
+D, M = 48, 96
+VARIANTS = [("relu2", False), ("relu", False), ("silu", True), ("fatrelu", True), ("drelu", True)]
+THRESHOLD = 0.05  # FATReLU's
+
+
+def weights(gated: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w_in = torch.randn(M, D, generator=g) / D**0.5
+    w_up = torch.randn(M, D, generator=g) / D**0.5 if gated else None
+    w_out = torch.randn(D, M, generator=g) / M**0.5
+    return w_in, w_up, w_out
+
+
+def dense_masked(x, w_in, w_up, w_out, mask, activation):
+    h = activation_fn(activation, THRESHOLD)(x @ w_in.t())  # (N, M)
+    if w_up is not None:
+        up = x @ w_up.t()
+        h = h * (F.relu(up) if activation == "drelu" else up)
+    return (h * mask.to(h.dtype)) @ w_out.t()  # (N, D)
+
+
+def tiered(w_in, w_up, w_out, activation, hot_ids=None):
+    cpu = torch.device("cpu")
+    if hot_ids is None:
+        tiers = [make_tier(w_in, w_up, w_out, torch.arange(M), cpu, hot=True)]
+    else:
+        cold = torch.ones(M, dtype=torch.bool)
+        cold[hot_ids] = False
+        tiers = [
+            make_tier(w_in, w_up, w_out, hot_ids, cpu, hot=True),
+            make_tier(w_in, w_up, w_out, cold.nonzero().flatten(), cpu, hot=False),
+        ]
+    return TieredFFN(tiers, M, cpu, activation, THRESHOLD)
+
+
+def random_mask(n, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, M, generator=g) < density
+
+
+def union_of(mask):
+    return mask.any(0).nonzero().flatten().to(torch.int32)
+
+
+@pytest.mark.parametrize(("activation", "gated"), VARIANTS)
+@pytest.mark.parametrize("crossover", [1.0, 0.0])  # sparse kernels / dense fallback
+def test_executor_equals_dense_ffn_with_same_mask(activation, gated, crossover):
+    w_in, w_up, w_out = weights(gated)
+    x = torch.randn(5, D, generator=torch.Generator().manual_seed(1))
+    mask = random_mask(5, 0.2, seed=2)
+    ffn = tiered(w_in, w_up, w_out, activation)
+    out = ffn.forward(x, union_of(mask), mask, crossover)
+    torch.testing.assert_close(
+        out, dense_masked(x, w_in, w_up, w_out, mask, activation), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("crossover", [1.0, 0.0])
+def test_one_row_without_row_mask_uses_the_union(crossover):
+    w_in, w_up, w_out = weights(True)
+    x = torch.randn(1, D)
+    mask = random_mask(1, 0.1, seed=3)
+    out = tiered(w_in, w_up, w_out, "silu").forward(x, union_of(mask), None, crossover)
+    torch.testing.assert_close(out, dense_masked(x, w_in, w_up, w_out, mask, "silu"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hot_share", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("crossover", [1.0, 0.0])
+def test_hybrid_equals_single_tier(hot_share, crossover):
+    w_in, w_up, w_out = weights(True, seed=4)
+    hot_ids = (
+        torch.randperm(M, generator=torch.Generator().manual_seed(5))[: round(hot_share * M)].sort().values
+    )
+    x = torch.randn(7, D)
+    mask = random_mask(7, 0.15, seed=6)
+    single = tiered(w_in, w_up, w_out, "fatrelu").forward(x, union_of(mask), mask, crossover)
+    hybrid = tiered(w_in, w_up, w_out, "fatrelu", hot_ids)
+    assert int(hybrid.hot_mask.sum()) == hot_ids.numel()
+    torch.testing.assert_close(
+        hybrid.forward(x, union_of(mask), mask, crossover), single, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_empty_union_gives_zeros():
+    w_in, w_up, w_out = weights(False)
+    x = torch.randn(3, D)
+    mask = torch.zeros(3, M, dtype=torch.bool)
+    for ffn in (tiered(w_in, w_up, w_out, "relu2"), tiered(w_in, w_up, w_out, "relu2", torch.arange(10))):
+        assert torch.equal(ffn.forward(x, union_of(mask), mask, 1.0), torch.zeros(3, D))
+
+
+def test_true_mask_matches_the_active_neuron_definition():
+    w_in, w_up, w_out = weights(True, seed=7)
+    x = torch.randn(6, D)
+    norms = torch.linalg.vector_norm(w_out, dim=0)
+    h = activation_fn("silu")(x @ w_in.t()) * (x @ w_up.t())
+    expected = active_mask(h, norms, 0.01)
+    for hot in (None, torch.arange(0, M, 3)):
+        assert torch.equal(tiered(w_in, w_up, w_out, "silu", hot).true_mask(x, 0.01), expected)
+
+
+def test_mixed_modes_each_row_gets_its_own_set_and_counts_match_brute_force():
+    """Rows in dense / oracle / predicted mode in one batch: each row's output is the dense FFN with its own
+    mask, and the recorded per-row counts equal the brute-force counts."""
+    w_in, w_up, w_out = weights(True, seed=8)
+    eps = 0.02
+    g = torch.Generator().manual_seed(9)
+    r = 6
+    predictor = LayerPredictor(
+        torch.randn(r, D, generator=g),
+        torch.zeros(r),
+        torch.randn(M, r, generator=g),
+        torch.full((M,), -1.0),
+        0.3,
+        None,
+    )
+    hot_ids = torch.arange(0, M, 4)
+    state = StepState(crossover=1.0)
+    ffn = SparseFFN(0, tiered(w_in, w_up, w_out, "silu", hot_ids), state, eps, predictor)
+    B, T = 3, 2
+    x = torch.randn(B, T, D, generator=g)
+    modes = ("oracle", "predicted", "dense")
+    state.context = StepContext(modes=modes)
+    out = ffn(x)
+    ctx = state.context
+
+    xf = x.reshape(B * T, D)
+    norms = torch.linalg.vector_norm(w_out, dim=0)
+    h = activation_fn("silu")(xf @ w_in.t()) * (xf @ w_up.t())
+    truth = active_mask(h, norms, eps)  # (N, M)
+    predicted = predictor.scores(xf) > predictor.threshold
+    own = torch.cat([truth[0:2], predicted[2:4], torch.ones(2, M, dtype=torch.bool)])  # rows by mode
+    torch.testing.assert_close(
+        out.reshape(B * T, D), dense_masked(xf, w_in, w_up, w_out, own, "silu"), rtol=1e-5, atol=1e-5
+    )
+
+    hot = torch.zeros(M, dtype=torch.bool)
+    hot[hot_ids] = True
+    counts = ctx.counts[0]
+    for b in range(B):
+        rows = own[b * T : (b + 1) * T]
+        assert counts[b, 0] == rows.sum()  # selected
+        assert counts[b, 1] == (rows & hot).sum()  # hot
+        assert counts[b, 2] == rows.any(0).sum()  # union over the row's tokens
+    assert ctx.measured[0] == (True, False, False)  # only the oracle row's mode measures the truth
+    assert counts[0, 3] == truth[0:2].sum() and counts[0, 4] == truth[0:2].sum()
+
+
+def test_predictor_threshold_moves_to_the_logit_scale():
+    p = LayerPredictor(torch.zeros(1, D), torch.zeros(1), torch.zeros(M, 1), torch.zeros(M), 0.5, None)
+    assert p.threshold == 0.0
+    assert LayerPredictor(*[torch.zeros(1)] * 4, 0.0, None).threshold == float("-inf")
+    assert (
+        abs(
+            LayerPredictor(*[torch.zeros(1)] * 4, 0.9, None).threshold - torch.logit(torch.tensor(0.9)).item()
+        )
+        < 1e-6
+    )
