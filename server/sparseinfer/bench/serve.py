@@ -1,0 +1,305 @@
+"""``sparseinfer bench serve``: load-test a gRPC server with the Python client (see ``serve_load.py`` for the
+load patterns and what is timed), against ``--target HOST:PORT`` or a server it starts itself (``--spawn``,
+serving ``--model`` or the bundled model in a child process).
+
+Closed loop runs once per ``--concurrency`` value (default 1 and 16), open loop once per ``--rate``. With
+``--engine-baseline`` (needs the model locally: ``--spawn`` or ``--model``) the same generation (prompt,
+greedy, ``max_new_tokens`` tokens) also runs on the engine alone in a process of its own, alternating with
+single requests through the server, and the report compares their times per output token: the server's
+overhead (``serve_baseline.py``).
+Output: a markdown table on stdout and, with ``--results DIR``, ``DIR/serve.json`` and ``DIR/serve.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from sparseinfer.bench.serve_baseline import EngineProcess, interleaved
+from sparseinfer.bench.serve_load import LoadConfig, run_load, summarise
+
+SERVE_ENTRY = "import sys; from sparseinfer.cli import main; sys.exit(main())"
+
+
+def _client_module() -> Any:
+    try:
+        import sparseinfer_client
+    except ImportError:
+        raise SystemExit(
+            "sparseinfer bench serve needs the Python client: pip install -e client  (distribution "
+            "sparseinfer-client)"
+        ) from None
+    return sparseinfer_client
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def spawn_server(
+    model: Path | None, sparsity: str | None, server_args: Sequence[str], err: TextIO, ready_s: float = 600.0
+) -> Iterator[str]:
+    """Start ``sparseinfer serve`` on a free local port in a child process; yield its target once healthy;
+    SIGTERM it (graceful drain) on exit."""
+    client_mod = _client_module()
+    port = _free_port()
+    cmd = [sys.executable, "-c", SERVE_ENTRY, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if model is not None:
+        cmd += ["--model", str(model)]
+    if sparsity is not None:
+        cmd += ["--sparsity", sparsity]
+    cmd += list(server_args)
+    err.write(f"starting: {shlex.join(cmd[3:])}\n")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+    target = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_s
+        with client_mod.Client(target, retry=client_mod.NO_RETRY) as client:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the server exited with status {proc.returncode} before it was ready")
+                with contextlib.suppress(client_mod.SparseInferError):
+                    if client.health(timeout=2.0) == "SERVING":
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the server was not SERVING within {ready_s:.0f} s")
+                time.sleep(0.2)
+        yield target
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def _runs(
+    target: str,
+    client_kwargs: dict[str, Any],
+    configs: Sequence[LoadConfig],
+    engine_model: Path | None,
+    threads: int | None,
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
+    client_mod = _client_module()
+    rows = []
+    async with client_mod.AsyncClient(target, **client_kwargs) as client:
+        await client.wait_ready(30.0)
+        info = asdict(await client.model_info())
+        for config in configs:
+            records, wall = await run_load(client, config)
+            rows.append(summarise(records, wall, config))
+        baseline = None
+        if engine_model is not None:
+            c = configs[0]
+            engine = EngineProcess(
+                threads,
+                model_path=engine_model,
+                prompt=c.prompt,
+                max_new_tokens=c.max_new_tokens,
+                sparsity=c.sparsity_mode,
+                max_batch=info["limits"]["max_batch_size"],
+                max_seq=info["max_context"],
+            )
+            try:
+                baseline = await interleaved(client, engine, c, rounds=7)
+            finally:
+                engine.close()
+    return info, rows, baseline
+
+
+def run_serve_bench(
+    target: str,
+    configs: Sequence[LoadConfig],
+    client_kwargs: dict[str, Any],
+    engine_model: Path | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Run every load config against ``target``; with ``engine_model``, also the interleaved engine-alone
+    comparison (see ``EngineBaseline``)."""
+    info, rows, baseline = asyncio.run(_runs(target, client_kwargs, configs, engine_model, threads))
+    meta: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "target": target,
+        "model": {k: info[k] for k in ("model_id", "architecture", "activation", "dtype")},
+        "num_layers": info["num_layers"],
+        "max_batch_size": info["limits"]["max_batch_size"],
+        "default_sparsity_mode": info["default_sparsity_mode"],
+        "config": asdict(configs[0]),
+        "engine_baseline": baseline,
+    }
+    closed = {row["concurrency"]: row for row in rows if row["mode"] == "closed"}
+    if 1 in closed and 16 in closed:
+        meta["scaling_16_vs_1"] = closed[16]["output_tokens_per_s"] / closed[1]["output_tokens_per_s"]
+    return {"meta": meta, "rows": rows}
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _ms(dist: dict[str, float], key: str) -> str:
+    return f"{dist[key] * 1000:.1f}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    meta, rows = result["meta"], result["rows"]
+    c = meta["config"]
+    lines = [
+        "# gRPC server under load (client: sparseinfer_client.AsyncClient, streaming)",
+        "",
+        f"{meta['date']} · Python {meta['python']} · {meta['cpu']} · server {meta['target']}",
+        "",
+        f"Model {meta['model']['model_id']} ({meta['model']['architecture']}, {meta['model']['activation']}, "
+        f"{meta['num_layers']} layers, {meta['model']['dtype']}); server max batch {meta['max_batch_size']}, "
+        f"default sparsity {meta['default_sparsity_mode']}. Every request: the same prompt, greedy, "
+        f"exactly {c['max_new_tokens']} new tokens (ignore_eos). Latencies in ms as p50 / p90 / p99.",
+        "",
+        "| load | ok / sent | errors | req/s | out tok/s | TTFT | inter-token | end-to-end | computed |",
+        "|---|---:|---|---:|---:|---|---|---|---:|",
+    ]
+    for row in rows:
+        load = (
+            f"closed, concurrency {row['concurrency']}"
+            if row["mode"] == "closed"
+            else f"open, λ={row['rate']}/s"
+        )
+        errors = ", ".join(f"{k} {v}" for k, v in row["errors"].items()) or "—"
+        dists = [
+            " / ".join(_ms(row[key], q) for q in ("p50", "p90", "p99"))
+            for key in ("ttft_s", "itl_s", "e2e_s")
+        ]
+        share = row["mean_computed_share"]
+        lines.append(
+            f"| {load} | {row['succeeded']} / {row['requests']} | {errors} | {row['requests_per_s']:.2f} | "
+            f"{row['output_tokens_per_s']:.1f} | {dists[0]} | {dists[1]} | {dists[2]} | "
+            + (f"{share:.1%}" if share is not None else "—")
+            + " |"
+        )
+    lines.append("")
+    if "scaling_16_vs_1" in meta:
+        lines.append(
+            f"Output tokens/s at 16 clients / at 1 client: {meta['scaling_16_vs_1']:.2f}× (target ≥ 4×)."
+        )
+    base = meta["engine_baseline"]
+    if base is not None:
+        server_ms, engine_ms = base["server_per_token_s"] * 1000, base["engine_per_token_s"] * 1000
+        lines += [
+            f"Time per output token, one request at a time: {server_ms:.2f} ms through the server",
+            f"(client-side, after the first token) vs {engine_ms:.2f} ms for the engine alone in its own",
+            "process (same prompt, tokens and KV-cache size, one request at a time); medians of",
+            f"{base['rounds']} interleaved rounds: the server adds {base['overhead']:+.1%} (target ≤ +10%).",
+        ]
+    if meta.get("note"):
+        lines += ["", meta["note"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: dict[str, Any], directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
+    (directory / "serve.md").write_text(format_table(result))
+
+
+def _numbers(kind: type, text: str) -> list[Any]:
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def register(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("serve", help="load-test the gRPC server: latency percentiles, throughput")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target", help="HOST:PORT of a running server")
+    where.add_argument("--spawn", action="store_true", help="start `sparseinfer serve` in a child process")
+    p.add_argument("--model", type=Path, default=None, help="checkpoint for --spawn/--engine-baseline")
+    p.add_argument("--sparsity", default=None, help="sparsity mode of every request (default: server's)")
+    p.add_argument("--mode", choices=("closed", "open", "both"), default="closed", help="arrival pattern(s)")
+    p.add_argument("--concurrency", type=lambda t: _numbers(int, t), default=[1, 16], help="e.g. 1,4,16")
+    p.add_argument("--rate", type=lambda t: _numbers(float, t), default=[1.0], help="open loop: req/s list")
+    p.add_argument("--requests", type=int, default=None, help="per run (default: 3×concurrency, ≥ 8)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prompt", default=LoadConfig().prompt)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    p.add_argument("--token", default=None, help="bearer token")
+    p.add_argument("--root-certs", default=None, help="PEM root certificates (TLS)")
+    p.add_argument("--engine-baseline", action="store_true", help="also time the engine alone (needs model)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads of server and baseline")
+    p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag (--spawn; repeat)")
+    p.add_argument("--results", type=Path, default=None, help="write serve.json and serve.md into DIR")
+    p.add_argument("--note", default=None, help="a sentence added to the report (e.g. the machine's state)")
+    p.set_defaults(run=_run)
+
+
+def load_configs(args: argparse.Namespace) -> list[LoadConfig]:
+    base = LoadConfig(
+        warmup=args.warmup,
+        max_new_tokens=args.max_new_tokens,
+        prompt=args.prompt,
+        sparsity_mode=args.sparsity,
+        timeout_s=args.timeout,
+    )
+    configs = []
+    if args.mode in ("closed", "both"):
+        configs += [
+            replace(base, mode="closed", concurrency=n, requests=args.requests or max(8, 3 * n))
+            for n in args.concurrency
+        ]
+    if args.mode in ("open", "both"):
+        configs += [replace(base, mode="open", rate=r, requests=args.requests or 32) for r in args.rate]
+    for config in configs:
+        config.validate()
+    return configs
+
+
+def _run(args: argparse.Namespace, env: object) -> None:
+    configs = load_configs(args)
+    client_kwargs: dict[str, Any] = {"token": args.token, "root_certificates": args.root_certs}
+    model = args.model
+    if model is None and (args.spawn or args.engine_baseline):
+        with contextlib.suppress(ImportError, FileNotFoundError):
+            from sparseinfer.model.bundled import bundled_model_path
+
+            model = bundled_model_path()
+    server_args = list(args.server_arg)
+    if args.threads is not None:
+        server_args += ["--threads", str(args.threads)]
+    engine_model = None
+    if args.engine_baseline:
+        if model is None:
+            raise SystemExit("--engine-baseline needs the model: pass --model (no bundled model found)")
+        engine_model = model
+    if args.spawn:
+        with spawn_server(model, args.sparsity, server_args, sys.stderr) as target:
+            result = run_serve_bench(target, configs, client_kwargs, engine_model, args.threads)
+    else:
+        result = run_serve_bench(args.target, configs, client_kwargs, engine_model, args.threads)
+    if args.note:
+        result["meta"]["note"] = args.note
+    sys.stdout.write(format_table(result) + "\n")
+    if args.results is not None:
+        write_results(result, args.results)

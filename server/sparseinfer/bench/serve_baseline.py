@@ -1,0 +1,141 @@
+"""The engine-alone side of ``sparseinfer bench serve --engine-baseline``: the same generation as the load
+test's requests, on the engine without the server, in its own process, alternated with single requests
+through the server so both see the same machine (it may be shared: a noisy neighbour then slows both alike).
+The ratio of their times per output token is the server's overhead.
+
+The engine round is awaited in a thread (``asyncio.to_thread``) rather than called on the event loop: with the
+loop blocked while a ``grpc.aio`` channel was open, the engine process measured about 2× slower than the
+server on this machine (apparently the blocked client burns CPU), which made the server look faster than the
+engine it wraps."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from sparseinfer.bench.serve_load import LoadConfig, run_load
+
+
+class EngineBaseline:
+    """The engine alone, sized as the server sizes it (``max_batch`` KV-cache slots of ``max_seq`` positions,
+    from its ModelInfo) but running one request: the same prompt, greedy, exactly ``max_new_tokens`` tokens.
+    ``once()`` runs one generation and returns decode seconds per token after the first."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        prompt: str,
+        max_new_tokens: int,
+        sparsity: str | None,
+        max_batch: int,
+        max_seq: int,
+    ) -> None:
+        from sparseinfer.engine.generate import Generator
+        from sparseinfer.engine.sampling import SamplingParams
+        from sparseinfer.model import load_model, load_tokenizer
+
+        tokenizer = load_tokenizer(model_path)
+        model = load_model(model_path)
+        self.ids = tokenizer.encode(prompt)
+        runtime = None
+        if sparsity not in (None, "dense"):
+            from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
+
+            config = SparsityConfig(mode=sparsity)
+            runtime = SparseRuntime.from_checkpoint(model, model_path, config, max_batch, max_seq)
+        self.generator = Generator(model, tokenizer, max_batch=max_batch, max_seq=max_seq, sparsity=runtime)
+        self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+        # The server steps its engine on a worker thread, and torch's CPU kernels can run very differently
+        # there than on the main thread (intra-op thread teams are per calling thread; on a busy machine the
+        # main thread's team was 4-6× slower here). Time the engine on a worker thread too, so the comparison
+        # measures the server, not where the engine happens to run.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-baseline")
+        self.once()  # warm-up: first-call allocations and caches
+
+    def _generate(self) -> float:
+        stats = self.generator.generate(self.ids, self.params).stats
+        return stats.decode_s / (stats.completion_tokens - 1)
+
+    def once(self) -> float:
+        return self._worker.submit(self._generate).result()
+
+
+def baseline_child() -> None:
+    """Entry of the engine-baseline process: build ``EngineBaseline(**json argv[1])``, print "ready", then
+    answer every stdin line with one generation's seconds per token."""
+    kwargs = json.loads(sys.argv[1])
+    threads = kwargs.pop("threads")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    kwargs["model_path"] = Path(kwargs["model_path"])
+    engine = EngineBaseline(**kwargs)
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        print(repr(engine.once()), flush=True)
+
+
+class EngineProcess:
+    """``EngineBaseline`` in its own process, like the server: the benchmark process (event loop, gRPC
+    client threads) then cannot slow the engine down or the other way round."""
+
+    def __init__(self, threads: int | None, **kwargs: Any) -> None:
+        kwargs = {**kwargs, "model_path": str(kwargs["model_path"]), "threads": threads}
+        entry = "from sparseinfer.bench.serve_baseline import baseline_child; baseline_child()"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", entry, json.dumps(kwargs)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        if self._line() != "ready":
+            raise RuntimeError("the engine baseline process failed to start (see its messages above)")
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the engine baseline process exited ({self.proc.wait()})")
+        return line.strip()
+
+    def once(self) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return float(self._line())
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+async def interleaved(client: Any, engine: EngineProcess, config: LoadConfig, rounds: int) -> dict[str, Any]:
+    """Engine alone and one request through the server, alternating, ``rounds`` times each: the machine may
+    be shared, and a noisy neighbour then slows both alike. Medians of time per token after the first."""
+    one = replace(config, mode="closed", concurrency=1, requests=1, warmup=0)
+    engine_s, server_s = [], []
+    for _ in range(rounds):
+        engine_s.append(await asyncio.to_thread(engine.once))  # loop stays free (see docstring)
+        records, _ = await run_load(client, one)
+        tpot = records[0].time_per_output_token
+        if records[0].error is not None or tpot is None:
+            raise RuntimeError(f"baseline request failed: {records[0].error}")
+        server_s.append(tpot)
+    engine_median, server_median = statistics.median(engine_s), statistics.median(server_s)
+    return {
+        "rounds": rounds,
+        "engine_per_token_s": engine_median,
+        "server_per_token_s": server_median,
+        "overhead": server_median / engine_median - 1.0,
+        "engine_rounds_s": engine_s,
+        "server_rounds_s": server_s,
+    }

@@ -1,0 +1,82 @@
+"""``ServeConfig``: every setting of a running server, frozen, built once from the ``serve`` flags.
+
+Limits are deliberate defaults for one CPU or one GPU host; each one names the flag that changes it.
+Message sizes: a request carries at most a prompt (text or ids) and a few stop strings, so 4 MiB is ample and
+bounds what one client can make the server buffer; a unary response carries every token (text, id and, on
+request, logprobs) and the sparsity report, so sends get 16 MiB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparseinfer.engine.accounting import MODES
+
+MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_SEND_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request and the whole batch may use; the batcher and the servicer enforce these."""
+
+    max_batch_size: int = 16  # sequences decoded together in one step (KV-cache slots)
+    max_queue: int = 64  # requests waiting for a slot; one more answers RESOURCE_EXHAUSTED at once
+    max_total_tokens: int | None = None  # Σ (prompt + max_new_tokens) of admitted requests; None: no cap
+    max_prompt_tokens: int | None = None  # None: the context length minus one
+    max_new_tokens: int = 512  # largest max_new_tokens a request may ask for
+    default_max_new_tokens: int = 128  # for requests that leave it unset (capped at max_new_tokens)
+    max_stop_sequences: int = 8
+    max_stop_length: int = 64  # characters per stop sequence
+
+    def validate(self) -> None:
+        for name in (
+            "max_batch_size",
+            "max_queue",
+            "max_new_tokens",
+            "max_stop_sequences",
+            "max_stop_length",
+        ):
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        for name in ("max_total_tokens", "max_prompt_tokens"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """All that ``sparseinfer serve`` (or ``start_server``) needs; ``model=None`` serves the bundled model."""
+
+    model: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port (tests); the handle reports the bound one
+    sparsity: str = "dense"  # the default mode of requests that do not choose one
+    gpu_memory: int | None = None  # bytes for hot neurons on the fast device; None: no hot/cold placement
+    limits: Limits = Limits()
+    auth_token: str | None = None  # bearer token every RPC except health must carry
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    metrics_port: int | None = None  # Prometheus text endpoint on this port (0 picks one); None: off
+    metrics_host: str = "127.0.0.1"
+    grace_period: float = 10.0  # seconds SIGTERM waits for in-flight requests before cancelling them
+    dtype: str | None = None  # compute dtype name (sparseinfer.model.config.DTYPES); None: the checkpoint's
+    threads: int | None = None  # torch CPU threads; None: torch's default
+
+    def validate(self) -> None:
+        self.limits.validate()
+        if self.sparsity not in MODES:
+            raise ValueError(f"--sparsity must be one of {', '.join(MODES)}, got {self.sparsity!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in [0, 65535], got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key must be given together")
+        if self.grace_period < 0:
+            raise ValueError(f"--grace-period must be >= 0 seconds, got {self.grace_period}")
+        if self.auth_token is not None and not self.auth_token:
+            raise ValueError("--auth-token must not be empty")

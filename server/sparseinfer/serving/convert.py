@@ -1,0 +1,179 @@
+"""Protobuf at the edge: wire messages → domain requests (``from_pb``, with validation that names the field
+by its path in the .proto) and domain results → wire messages (``*_to_pb``). Nothing else imports protobuf.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sparseinfer.engine.accounting import SparsityReport
+from sparseinfer.engine.sampling import SamplingParams
+from sparseinfer.serving.config import Limits
+from sparseinfer.serving.requests import BatchRequest, Completion, ServingError, TokenChunk
+from sparseinfer_client._proto import sparseinfer_pb2 as pb
+
+MAX_REQUEST_ID = 128
+# Dividing logits by a smaller temperature or repetition penalty can overflow fp32 to inf and turn the
+# sampling distribution into NaNs (found by the fuzz test); below these floors sampling is argmax anyway.
+MIN_TEMPERATURE = 1e-4
+MIN_REPETITION_PENALTY = 1e-2
+
+MODE_FROM_PB = {
+    pb.SPARSITY_MODE_DENSE: "dense",
+    pb.SPARSITY_MODE_ORACLE: "oracle",
+    pb.SPARSITY_MODE_PREDICTED: "predicted",
+}
+MODE_TO_PB = {v: k for k, v in MODE_FROM_PB.items()}
+FINISH_TO_PB = {
+    "length": pb.FINISH_REASON_LENGTH,
+    "eos": pb.FINISH_REASON_EOS,
+    "stop": pb.FINISH_REASON_STOP_SEQUENCE,
+    "cancelled": pb.FINISH_REASON_CANCELLED,
+}
+# Batcher/engine field names → their path in the .proto, for INVALID_ARGUMENT messages.
+FIELD_PATH = {
+    "prompt": "prompt",
+    "max_new_tokens": "stopping.max_new_tokens",
+    "stop": "stopping.stop_sequences",
+    "temperature": "sampling.temperature",
+    "top_k": "sampling.top_k",
+    "top_p": "sampling.top_p",
+    "repetition_penalty": "sampling.repetition_penalty",
+    "seed": "sampling.seed",
+    "sparsity_mode": "sparsity_mode",
+}
+
+
+@dataclass(frozen=True)
+class Details:
+    tokens: bool = False
+
+
+def _invalid(path: str, message: str) -> ServingError:
+    return ServingError.invalid(path, message)
+
+
+def from_pb(msg: pb.GenerateRequest, limits: Limits, deadline: float | None) -> tuple[BatchRequest, Details]:
+    """Validate a ``GenerateRequest`` and turn it into the batcher's ``BatchRequest``."""
+    which = msg.WhichOneof("prompt")
+    if which is None:
+        raise _invalid("prompt", "set prompt.text or prompt.token_ids")
+    prompt: str | tuple[int, ...] = msg.text if which == "text" else tuple(msg.token_ids.ids)
+    if not prompt:
+        raise _invalid("prompt", "must not be empty")
+
+    s = msg.sampling
+    temperature = s.temperature if s.HasField("temperature") else 1.0
+    if not (temperature >= 0.0) or math.isinf(temperature):  # NaN fails `>= 0`
+        raise _invalid("sampling.temperature", f"must be a finite number >= 0, got {temperature}")
+    if 0.0 < temperature < MIN_TEMPERATURE:
+        raise _invalid(
+            "sampling.temperature", f"must be 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {temperature:g}"
+        )
+    top_k = s.top_k if s.HasField("top_k") else 0
+    if top_k < 0:
+        raise _invalid("sampling.top_k", f"must be >= 0 (0 = off), got {top_k}")
+    top_p = s.top_p if s.HasField("top_p") else 1.0
+    if not (0.0 < top_p <= 1.0):
+        raise _invalid("sampling.top_p", f"must be in (0, 1], got {top_p}")
+    penalty = s.repetition_penalty if s.HasField("repetition_penalty") else 1.0
+    if not (penalty >= MIN_REPETITION_PENALTY) or math.isinf(penalty):
+        raise _invalid(
+            "sampling.repetition_penalty",
+            f"must be a finite number >= {MIN_REPETITION_PENALTY:g}, got {penalty:g}",
+        )
+
+    st = msg.stopping
+    default_new = min(limits.default_max_new_tokens, limits.max_new_tokens)
+    max_new = st.max_new_tokens if st.HasField("max_new_tokens") else default_new
+    if not 0 < max_new <= limits.max_new_tokens:
+        raise _invalid("stopping.max_new_tokens", f"must be in [1, {limits.max_new_tokens}], got {max_new}")
+    stops = tuple(st.stop_sequences)
+    if len(stops) > limits.max_stop_sequences:
+        raise _invalid(
+            "stopping.stop_sequences", f"at most {limits.max_stop_sequences} allowed, got {len(stops)}"
+        )
+    for i, stop in enumerate(stops):
+        if not stop or len(stop) > limits.max_stop_length:
+            raise _invalid(
+                f"stopping.stop_sequences[{i}]",
+                f"must be 1 to {limits.max_stop_length} characters, got {len(stop)}",
+            )
+
+    mode: str | None = None
+    if msg.sparsity_mode != pb.SPARSITY_MODE_UNSPECIFIED:
+        if msg.sparsity_mode not in MODE_FROM_PB:
+            raise _invalid("sparsity_mode", f"unknown sparsity mode {msg.sparsity_mode}")
+        mode = MODE_FROM_PB[msg.sparsity_mode]
+    if len(msg.request_id) > MAX_REQUEST_ID:
+        raise _invalid("request_id", f"at most {MAX_REQUEST_ID} characters, got {len(msg.request_id)}")
+    if msg.details.logprobs:
+        # The engine's sampler does not expose the processed distribution yet; refuse rather than guess.
+        raise _invalid("details.logprobs", "log-probabilities are not supported by this server yet")
+
+    params = SamplingParams(
+        max_new_tokens=max_new,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=penalty,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=stops,
+        ignore_eos=st.ignore_eos,
+    )
+    request_id = msg.request_id or uuid.uuid4().hex
+    return BatchRequest(prompt, params, request_id, mode, deadline), Details(tokens=msg.details.tokens)
+
+
+def error_message(err: ServingError) -> str:
+    """The error's message with the field spelled as its .proto path."""
+    if err.field is None:
+        return err.message
+    path = FIELD_PATH.get(err.field, err.field)
+    return f"{path}: {err.detail}" if err.detail is not None else err.message
+
+
+def tokens_to_pb(chunk: TokenChunk, piece: Callable[[int], str]) -> list[pb.Token]:
+    return [pb.Token(id=t, text=piece(t)) for t in chunk.token_ids]
+
+
+def report_to_pb(r: SparsityReport) -> pb.SparsityReport:
+    layers = []
+    for layer in r.layers:
+        out = pb.LayerSparsity(predicted_active_share=layer.predicted_active_share)
+        if layer.true_active_share is not None:
+            out.true_active_share = layer.true_active_share
+        if layer.recall is not None:
+            out.recall = layer.recall
+        layers.append(out)
+    return pb.SparsityReport(
+        mode=MODE_TO_PB[r.mode],
+        tokens=r.tokens,
+        computed_share=r.computed_share,
+        layers=layers,
+        hot_share=r.hot_share,
+        cold_share=r.cold_share,
+        ffn_bytes_read=r.ffn_bytes_read,
+        ffn_bytes_dense=r.ffn_bytes_dense,
+    )
+
+
+def final_fields(c: Completion) -> dict[str, object]:
+    """The fields a final message (unary response or last stream message) carries."""
+    t = c.timings
+    return {
+        "finish_reason": FINISH_TO_PB[c.finish_reason],
+        "usage": pb.Usage(prompt_tokens=c.prompt_tokens, generated_tokens=c.completion_tokens),
+        "timings": pb.Timings(
+            queue_s=t.queue_s,
+            prefill_s=t.prefill_s,
+            ttft_s=t.ttft_s,
+            per_token_s=t.mean_inter_token_s,
+            total_s=t.total_s,
+        ),
+        "sparsity": report_to_pb(c.sparsity),
+        "seed": c.seed,
+    }

@@ -1,0 +1,176 @@
+"""Load what a server serves: the checkpoint, its sparse runtime, the step-level ``Generator``, and the
+(static) ``ModelInfo`` answer.
+
+A sparse runtime is installed whenever the checkpoint has a sparsity sidecar (so that requests can choose
+oracle or predicted per request even when the default is dense), when the default mode is not dense, or
+when a GPU memory budget asks for hot/cold placement. Without one, every request runs dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import sparseinfer
+from sparseinfer.engine.generate import Generator
+from sparseinfer.engine.placement import neuron_bytes
+from sparseinfer.serving.config import MAX_RECEIVE_MESSAGE_BYTES, ServeConfig
+from sparseinfer.serving.convert import MODE_TO_PB
+from sparseinfer_client._proto import sparseinfer_pb2 as pb
+
+
+@dataclass
+class Served:
+    """A loaded model ready to serve."""
+
+    generator: Generator
+    model_dir: Path
+    model_info: pb.ModelInfoResponse
+
+
+def model_directory(config: ServeConfig) -> Path:
+    if config.model is not None:
+        return config.model
+    try:
+        from sparseinfer.model.bundled import bundled_model_path
+    except ImportError:
+        raise FileNotFoundError(
+            "no model is bundled with this installation; pass --model DIR (a checkpoint directory)"
+        ) from None
+    return bundled_model_path()
+
+
+def load_served(config: ServeConfig) -> Served:
+    """Load the checkpoint and build the generator sized by ``config.limits``."""
+    from sparseinfer.model import load_model, load_tokenizer
+    from sparseinfer.model.config import DTYPES
+    from sparseinfer.sparsity.sidecar import Sidecar
+
+    config.validate()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    directory = model_directory(config)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"--model {directory}: not a directory")
+    tokenizer = load_tokenizer(directory)
+    model = load_model(directory, dtype=DTYPES[config.dtype] if config.dtype else None)
+    limits = config.limits
+    context = int(model.config.max_position_embeddings)
+    # A KV-cache slot holds the longest prompt plus the most new tokens, never more than the context.
+    max_prompt = limits.max_prompt_tokens if limits.max_prompt_tokens is not None else context - 1
+    max_seq = min(context, max_prompt + limits.max_new_tokens)
+    runtime = None
+    sidecar = Sidecar.exists(directory)
+    if (sidecar or config.sparsity != "dense" or config.gpu_memory is not None) and not model.config.mlp_bias:
+        from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
+
+        sparsity = SparsityConfig(mode=config.sparsity, gpu_memory=config.gpu_memory)
+        runtime = SparseRuntime.from_checkpoint(
+            model, directory, sparsity, max_batch=limits.max_batch_size, max_seq=max_seq
+        )
+    elif config.sparsity != "dense":
+        raise ValueError(f"--sparsity {config.sparsity}: this model has FFN biases and can only run dense")
+    generator = Generator(
+        model, tokenizer, max_batch=limits.max_batch_size, max_seq=max_seq, sparsity=runtime
+    )
+    return Served(generator, directory, model_info(config, generator, directory))
+
+
+def model_info(config: ServeConfig, generator: Generator, directory: Path) -> pb.ModelInfoResponse:
+    model = generator.model
+    c = model.config
+    runtime = generator.sparsity
+    available = ["dense"]
+    cett: float | None = None
+    recall: float | None = None
+    if runtime is not None:
+        available = [m for m in ("dense", "oracle", "predicted") if _can_run(runtime, m)]
+        cett, recall = _sidecar_figures(directory)
+    limits = config.limits
+    max_prompt = limits.max_prompt_tokens if limits.max_prompt_tokens is not None else generator.max_seq - 1
+    info = pb.ModelInfoResponse(
+        model_id=directory.name,
+        architecture=c.architecture,
+        activation=c.activation,
+        num_layers=c.num_layers,
+        hidden_size=c.hidden_size,
+        neurons_per_layer=[c.intermediate_size] * c.num_layers,
+        vocab_size=c.vocab_size,
+        max_context=generator.max_seq,
+        dtype=str(model.dtype).removeprefix("torch."),
+        default_sparsity_mode=MODE_TO_PB[config.sparsity],
+        available_sparsity_modes=[MODE_TO_PB[m] for m in available],
+        placement=_placement(
+            runtime, c.num_layers, c.intermediate_size, generator.device, neuron_bytes(model)
+        ),
+        limits=pb.Limits(
+            max_batch_size=limits.max_batch_size,
+            max_queued_requests=limits.max_queue,
+            max_total_tokens=limits.max_total_tokens or limits.max_batch_size * generator.max_seq,
+            max_prompt_tokens=min(max_prompt, generator.max_seq - 1),
+            max_new_tokens=limits.max_new_tokens,
+            default_max_new_tokens=min(limits.default_max_new_tokens, limits.max_new_tokens),
+            max_stop_sequences=limits.max_stop_sequences,
+            max_stop_sequence_length=limits.max_stop_length,
+            max_message_bytes=MAX_RECEIVE_MESSAGE_BYTES,
+        ),
+        server_version=sparseinfer.__version__,
+    )
+    if cett is not None:
+        info.cett_target = cett
+    if recall is not None:
+        info.predictor_recall = recall
+    return info
+
+
+def _can_run(runtime: Any, mode: str) -> bool:
+    try:
+        runtime.check_mode(mode)
+    except ValueError:
+        return False
+    return True
+
+
+def _sidecar_figures(directory: Path) -> tuple[float | None, float | None]:
+    from sparseinfer.sparsity.sidecar import Sidecar
+
+    if not Sidecar.exists(directory):
+        return None, None
+    sidecar = Sidecar.load(directory)
+    cett = recall = None
+    if sidecar.has("calibration"):
+        value = sidecar.require("calibration").get("cett_target")
+        cett = float(value) if value is not None else None
+    if sidecar.has("predictor"):
+        layers = sidecar.require("predictor").get("layers") or []
+        recalls = [float(r["recall"]) for r in layers if r.get("recall") is not None]
+        recall = sum(recalls) / len(recalls) if recalls else None
+    return cett, recall
+
+
+def _placement(runtime: Any, num_layers: int, m: int, device: torch.device, per_neuron: int) -> pb.Placement:
+    placement = runtime.placement if runtime is not None else None
+    used = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    if placement is None:  # one tier on the model's device
+        return pb.Placement(
+            hot_device=str(device),
+            cold_device="cpu",
+            hot_neurons_per_layer=[m] * num_layers,
+            hot_ffn_bytes=per_neuron * m * num_layers,
+            cold_ffn_bytes=0,
+            expected_hot_share=1.0,
+            gpu_memory_used_bytes=used,
+        )
+    return pb.Placement(
+        hot_device=str(placement.hot_device),
+        cold_device="cpu",
+        hot_neurons_per_layer=[int(h.numel()) for h in placement.hot],
+        hot_ffn_bytes=placement.hot_bytes,
+        cold_ffn_bytes=placement.cold_bytes,
+        expected_hot_share=placement.expected_hot_share,
+        gpu_memory_budget_bytes=placement.budget,
+        gpu_memory_used_bytes=used,
+    )

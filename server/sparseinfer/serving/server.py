@@ -1,0 +1,216 @@
+"""The grpc.aio server: SparseInfer + health + reflection, auth, TLS, keepalive, message limits, draining.
+
+``AsyncServer`` is the server on an existing event loop (``sparseinfer serve`` runs it with ``asyncio.run``
+and SIGTERM/SIGINT handlers); ``start_server(config)`` runs one on its own thread and returns a handle with
+``.port`` and ``.stop(grace)`` for tests, benchmarks and embedding.
+
+Shutdown (SIGTERM, ``stop``): health turns NOT_SERVING (load balancers and Kubernetes stop sending), new
+generations answer UNAVAILABLE, running and queued requests continue for up to the grace period; after it,
+running requests end with finish reason CANCELLED and what they generated, queued ones fail UNAVAILABLE.
+Then the gRPC server stops and the engine thread exits.
+
+Keepalive: the server pings a connection only after 2 minutes without traffic and waits 20 s for the
+answer, so a dead peer is noticed; it never closes a connection for being idle or old (no
+max_connection_idle/age) because a long generation on a unary call sends nothing until it ends. Clients may
+ping every 10 s during calls without being told to go away (``max_ping_strikes`` 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sparseinfer.serving.auth import BearerTokenInterceptor
+from sparseinfer.serving.batcher import Batcher
+from sparseinfer.serving.config import MAX_RECEIVE_MESSAGE_BYTES, MAX_SEND_MESSAGE_BYTES, ServeConfig
+from sparseinfer.serving.metrics import ServerMetrics
+from sparseinfer.serving.model_setup import Served, load_served
+from sparseinfer.serving.servicer import SparseInferServicer
+from sparseinfer_client._proto import sparseinfer_pb2 as pb
+from sparseinfer_client._proto import sparseinfer_pb2_grpc as pb_grpc
+
+log = logging.getLogger("sparseinfer.serving.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SparseInfer"].full_name
+
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 120_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),  # keep probing a peer during a long silent generation
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # accept client pings every 10 s ...
+    ("grpc.http2.max_ping_strikes", 0),  # ... and never GOAWAY a client that pings more often
+    ("grpc.so_reuseport", 0),  # two servers must never share a port by accident
+]
+
+
+class AsyncServer:
+    """One server on the running event loop: ``await start()``, then ``await shutdown(grace)``."""
+
+    def __init__(self, config: ServeConfig, served: Served | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.served = served if served is not None else load_served(config)
+        self.metrics = ServerMetrics()
+        self.batcher = Batcher(self.served.generator, config.limits, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        """Bind, start serving and return the bound port."""
+        cfg = self.config
+        interceptors = [BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
+        server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+        tokenizer = self.served.generator.tokenizer
+        servicer = SparseInferServicer(
+            self.batcher,
+            self.metrics,
+            tokenizer.encode,
+            lambda token_id: tokenizer.decode([token_id]),
+            self.served.model_info,
+        )
+        pb_grpc.add_SparseInferServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert is not None and cfg.tls_key is not None:
+            creds = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
+            self.port = server.add_secure_port(address, creds)
+        else:
+            self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        self.batcher.start()
+        await server.start()
+        self._server = server
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(cfg.metrics_host, cfg.metrics_port)
+        log.info(
+            "serving",
+            extra={"address": f"{cfg.host}:{self.port}", "model": str(self.served.model_dir)},
+        )
+        return self.port
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new work, finish in-flight work for up to ``grace`` seconds, stop."""
+        grace = self.config.grace_period if grace is None else grace
+        log.info("draining", extra={"grace_s": grace})
+        await self.health.enter_graceful_shutdown()
+        self.batcher.stop_accepting()
+        await asyncio.to_thread(self.batcher.close, grace)
+        if self._server is not None:
+            # Every ticket has ended by now; a short grace lets handlers send their final messages.
+            await self._server.stop(1.0)
+            self._server = None
+        self.metrics.close()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+class ServerHandle:
+    """A server running on its own thread and event loop (``start_server``)."""
+
+    def __init__(
+        self, server: AsyncServer, loop: asyncio.AbstractEventLoop, thread: threading.Thread
+    ) -> None:
+        self.server = server
+        self.port = server.port
+        self.metrics_port = server.metrics_port
+        self.batcher = server.batcher
+        self._loop = loop
+        self._thread = thread
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.server.config.host}:{self.port}"
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Drain and stop (see ``AsyncServer.shutdown``); idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        asyncio.run_coroutine_threadsafe(self.server.shutdown(grace), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_server(config: ServeConfig, served: Served | None = None) -> ServerHandle:
+    """Load the model (unless ``served`` is given), start a server on a background thread, return its handle
+    once it accepts calls (``config.port=0`` picks a free port: ``handle.port``)."""
+    server = AsyncServer(config, served)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(server.start())
+        except BaseException as e:
+            failure.append(e)
+            started.set()
+            return
+        started.set()
+        loop.run_forever()
+        loop.close()
+
+    thread = threading.Thread(target=run, name="sparseinfer-grpc", daemon=True)
+    thread.start()
+    started.wait()
+    if failure:
+        thread.join()
+        server.batcher.close()
+        raise failure[0]
+    return ServerHandle(server, loop, thread)
+
+
+async def serve(
+    config: ServeConfig, stop_signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
+) -> None:
+    """Serve until one of ``stop_signals``, then drain for ``config.grace_period`` and return."""
+    server = AsyncServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in stop_signals:
+        loop.add_signal_handler(sig, stop.set)
+    print(f"sparseinfer: serving {server.served.model_dir} on {config.host}:{server.port}", flush=True)
+    if server.metrics_port is not None:
+        print(
+            f"sparseinfer: metrics on http://{config.metrics_host}:{server.metrics_port}/metrics", flush=True
+        )
+    await stop.wait()
+    for sig in stop_signals:
+        loop.remove_signal_handler(sig)
+    await server.shutdown()

@@ -1,0 +1,304 @@
+"""The continuous batcher against a fake engine: no model, no grpc.
+
+The fake engine's token for (seed, position) is a fixed function, so the expected output of every request is
+known independently of the batcher; the fake also logs every prefill/decode call so scheduling properties
+(join/leave between steps, one prefill between decodes, slot freed within a step) can be checked directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from sparseinfer.engine.accounting import SparsityTally
+from sparseinfer.engine.sampling import SamplingParams
+from sparseinfer.engine.sequence import Sequence
+from sparseinfer.serving.batcher import Batcher
+from sparseinfer.serving.config import Limits
+from sparseinfer.serving.requests import BatchRequest, Completion, ErrorKind, ServingError, TokenChunk
+
+VOCAB = 50
+
+
+def expected_token(seed: int, position: int) -> int:
+    return (seed * 31 + position * 7) % (VOCAB - 2) + 2  # never 0/1 (1 is EOS)
+
+
+class Decoder:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def step(self, ids):
+        new = ids[self.n :]
+        self.n = len(ids)
+        return "".join(f"<{t}>" for t in new)
+
+    def flush(self):
+        return ""
+
+
+class FakeEngine:
+    def __init__(self, slots: int = 4, max_seq: int = 128, step_s: float = 0.002) -> None:
+        self.max_seq = max_seq
+        self._free = list(range(slots))
+        self.step_s = step_s
+        self.log: list[tuple[str, tuple]] = []  # ("prefill", (rid,)) / ("decode", (rid, ...))
+        self.released: list = []
+        self.fail_prefill: set = set()
+        self.fail_decode: set = set()  # rids whose decode raises inside the "forward"
+        self.lock = threading.Lock()
+
+    @property
+    def free_slots(self):
+        return len(self._free)
+
+    def start(self, prompt, params, request_id=None, sparsity_mode=None):
+        params.validate()
+        ids = [ord(c) % VOCAB for c in prompt] if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("prompt must contain at least one token")
+        if len(ids) + params.max_new_tokens > self.max_seq:
+            raise ValueError(f"max_new_tokens={params.max_new_tokens} plus the prompt exceeds the context")
+        if sparsity_mode not in (None, "dense"):
+            raise ValueError(f"sparsity mode {sparsity_mode!r} needs sparse execution")
+        return Sequence(ids, params, Decoder(), frozenset({1}), request_id, sparsity=SparsityTally())
+
+    def _token(self, seq):
+        return expected_token(seq.params.seed, len(seq.output_ids))
+
+    def prefill(self, seq):
+        self.log.append(("prefill", (seq.request_id,)))
+        seq.slot = self._free.pop()
+        if seq.request_id in self.fail_prefill:
+            raise RuntimeError("injected prefill failure")
+        time.sleep(self.step_s)
+        seq.sparsity.record_step(len(seq.prompt_ids))
+        event = seq.append(self._token(seq))
+        if seq.finished:
+            self.release(seq)
+        return event
+
+    def decode_step(self, seqs):
+        self.log.append(("decode", tuple(s.request_id for s in seqs)))
+        for s in seqs:
+            assert s.slot is not None and not s.finished
+        if any(s.request_id in self.fail_decode for s in seqs):
+            raise RuntimeError("injected decode failure")  # before the "forward" commits anything
+        time.sleep(self.step_s)
+        events = []
+        for s in seqs:
+            s.sparsity.record_step(1)
+            events.append(s.append(self._token(s)))
+        for s in seqs:
+            if s.finished:
+                self.release(s)
+        return events
+
+    def release(self, seq):
+        if seq.slot is not None:
+            self._free.append(seq.slot)
+            seq.slot = None
+            self.released.append(seq.request_id)
+
+
+def request(rid, n=5, seed=None, prompt="hello", deadline=None, mode=None):
+    seed = seed if seed is not None else hash(rid) % 1000
+    params = SamplingParams(max_new_tokens=n, seed=seed, ignore_eos=True)
+    return BatchRequest(prompt, params, rid, mode, deadline)
+
+
+async def collect(ticket):
+    chunks, final = [], None
+    async for item in ticket:
+        if isinstance(item, TokenChunk):
+            chunks.append(item)
+        else:
+            final = item
+            if final.last is not None:
+                chunks.append(final.last)
+    return [t for c in chunks for t in c.token_ids], final
+
+
+@pytest.fixture
+def make_batcher():
+    made = []
+
+    def make(engine=None, **limits):
+        engine = engine or FakeEngine()
+        b = Batcher(engine, Limits(**{"max_batch_size": 4, "max_queue": 8, **limits}))
+        b.start()
+        made.append(b)
+        return b, engine
+
+    yield make
+    for b in made:
+        b.close(timeout=5)
+
+
+def test_requests_join_and_leave_between_steps(make_batcher):
+    async def main():
+        b, engine = make_batcher()
+        long = b.submit(request("long", n=30, seed=3))
+        await asyncio.sleep(0.02)  # "long" is decoding alone by now
+        shorts = [b.submit(request(f"s{i}", n=6, seed=10 + i)) for i in range(3)]
+        results = await asyncio.gather(collect(long), *(collect(t) for t in shorts))
+        for (tokens, final), seed, n in zip(results, [3, 10, 11, 12], [30, 6, 6, 6], strict=True):
+            assert tokens == [expected_token(seed, p) for p in range(n)]
+            assert isinstance(final, Completion) and final.finish_reason == "length"
+            assert final.completion_tokens == n and final.sparsity.tokens == 5 + n - 1
+        sizes = [len(rids) for kind, rids in engine.log if kind == "decode"]
+        assert max(sizes) == 4  # the shorts joined the running "long"
+        assert sizes[-1] == 1  # ... and left before it finished
+        # At most one prefill between two decode steps while anything is running.
+        kinds = [kind for kind, _ in engine.log]
+        first_decode = kinds.index("decode")
+        assert "prefill,prefill" not in ",".join(kinds[first_decode:])
+
+    asyncio.run(main())
+
+
+def test_full_queue_is_refused_at_once(make_batcher):
+    async def main():
+        engine = FakeEngine(slots=1, step_s=0.01)
+        b, _ = make_batcher(engine, max_batch_size=1, max_queue=2)
+        tickets = [b.submit(request(f"r{i}", n=20)) for i in range(2)]
+        t0 = time.perf_counter()
+        with pytest.raises(ServingError) as err:
+            b.submit(request("one-too-many"))
+        assert err.value.kind is ErrorKind.OVERLOADED and time.perf_counter() - t0 < 0.05
+        for t in tickets:
+            t.cancel()
+
+    asyncio.run(main())
+
+
+def test_cancel_frees_the_slot_within_one_step(make_batcher):
+    async def main():
+        b, engine = make_batcher(FakeEngine(step_s=0.005))
+        keep = b.submit(request("keep", n=40))
+        gone = b.submit(request("gone", n=40))
+        seen = 0
+        async for item in gone:
+            seen += len(item.token_ids)
+            if seen == 3:
+                break
+        n_before = len(engine.log)
+        gone.cancel()
+        await collect(keep)
+        after = [rids for kind, rids in engine.log[n_before:] if kind == "decode"]
+        # The step that may already have been running when cancel() was called can still include it;
+        # no later step does.
+        assert all("gone" not in rids for rids in after[1:])
+        assert "gone" in engine.released
+
+    asyncio.run(main())
+
+
+def test_deadline_stops_work(make_batcher):
+    async def main():
+        b, engine = make_batcher(FakeEngine(step_s=0.005))
+        t = b.submit(request("late", n=60, deadline=time.monotonic() + 0.05))
+        with pytest.raises(ServingError) as err:
+            await collect(t)
+        assert err.value.kind is ErrorKind.DEADLINE
+        decodes = [rids for kind, rids in engine.log if kind == "decode"]
+        assert 0 < len(decodes) < 59 and "late" in engine.released
+
+    asyncio.run(main())
+
+
+def test_engine_failures_fail_only_the_affected_request(make_batcher):
+    async def main():
+        b, engine = make_batcher()
+        engine.fail_prefill.add("bad-prefill")
+        ok1 = b.submit(request("ok1", n=8, seed=1))
+        bad1 = b.submit(request("bad-prefill", n=8))
+        ok2 = b.submit(request("ok2", n=8, seed=2))
+        bad2 = b.submit(request("bad-decode", n=8))
+        engine.fail_decode.add("bad-decode")
+        results = await asyncio.gather(*(collect(t) for t in (ok1, bad1, ok2, bad2)), return_exceptions=True)
+        assert results[0][0] == [expected_token(1, p) for p in range(8)]
+        assert results[2][0] == [expected_token(2, p) for p in range(8)]
+        for r in (results[1], results[3]):
+            assert isinstance(r, ServingError) and r.kind is ErrorKind.INTERNAL
+        # Serving continues, and every slot came back.
+        tokens, _ = await collect(b.submit(request("after", n=3, seed=4)))
+        assert tokens == [expected_token(4, p) for p in range(3)]
+        assert engine.free_slots == 4
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("req", "limits", "field"),
+    [
+        (request("a", n=600), {}, "max_new_tokens"),
+        (request("a", n=0), {}, "max_new_tokens"),
+        (request("a", prompt=""), {}, "prompt"),
+        (request("a", prompt="x" * 20), {"max_prompt_tokens": 10}, "prompt"),
+        (request("a", prompt="x" * 20, n=20), {"max_total_tokens": 30}, "max_new_tokens"),
+        (request("a", mode="oracle"), {}, "sparsity_mode"),
+    ],
+)
+def test_invalid_requests_name_the_field(make_batcher, req, limits, field):
+    async def main():
+        b, _ = make_batcher(**limits)
+        with pytest.raises(ServingError) as err:
+            b.submit(req)
+        assert err.value.kind is ErrorKind.INVALID and err.value.field == field
+
+    asyncio.run(main())
+
+
+def test_close_finishes_running_then_cancels_past_grace(make_batcher):
+    async def main():
+        b, _ = make_batcher(FakeEngine(slots=1, step_s=0.005), max_batch_size=1)
+        tokens, _ = await collect(b.submit(request("quick", n=3, seed=5)))
+        assert tokens == [expected_token(5, p) for p in range(3)]
+        slow = b.submit(request("slow", n=60))
+        waiting = b.submit(request("waiting", n=3))
+        await asyncio.sleep(0.03)
+        t0 = time.monotonic()
+        await asyncio.to_thread(b.close, 0.02, 5)
+        assert time.monotonic() - t0 < 1.0
+        tokens, final = await collect(slow)
+        assert final.finish_reason == "cancelled" and 0 < len(tokens) < 60
+        with pytest.raises(ServingError) as err:
+            await collect(waiting)
+        assert err.value.kind is ErrorKind.UNAVAILABLE
+        with pytest.raises(ServingError) as err:
+            b.submit(request("late"))
+        assert err.value.kind is ErrorKind.UNAVAILABLE
+
+    asyncio.run(main())
+
+
+def test_close_returns_as_soon_as_the_drain_is_done(make_batcher):
+    async def main():
+        b, _ = make_batcher(FakeEngine(step_s=0.005))
+        ticket = b.submit(request("drain", n=10, seed=6))
+        await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        await asyncio.to_thread(b.close, 30.0, 10)
+        assert time.monotonic() - t0 < 2.0
+        tokens, final = await collect(ticket)
+        assert final.finish_reason == "length" and tokens == [expected_token(6, p) for p in range(10)]
+
+    asyncio.run(main())
+
+
+def test_token_budget_holds_requests_back_in_order(make_batcher):
+    async def main():
+        # Each request reserves 5 prompt + 15 new = 20 tokens; a budget of 30 admits one at a time.
+        b, engine = make_batcher(FakeEngine(step_s=0.001), max_total_tokens=30)
+        tickets = [b.submit(request(f"t{i}", n=15, seed=i)) for i in range(3)]
+        results = await asyncio.gather(*(collect(t) for t in tickets))
+        for i, (tokens, _) in enumerate(results):
+            assert tokens == [expected_token(i, p) for p in range(15)]
+        assert max(len(rids) for kind, rids in engine.log if kind == "decode") == 1
+        assert [rids[0] for kind, rids in engine.log if kind == "prefill"] == ["t0", "t1", "t2"]
+
+    asyncio.run(main())
