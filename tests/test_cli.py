@@ -113,8 +113,14 @@ def test_bad_flags_exit_2_with_a_message(tiny_random_checkpoint, capsys, args, m
 
 def test_bad_model_paths_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("SPARSEINFER_MODEL", raising=False)
+    import sparseinfer.model.bundled as bundled
+
+    def no_bundle():
+        raise FileNotFoundError("the bundled model at X is incomplete (missing model.safetensors)")
+
+    monkeypatch.setattr(bundled, "bundled_model_path", no_bundle)  # as if the package data were missing
     code, _, err = _run(["generate", "--prompt", "x"], capsys)
-    assert code == 2 and "--model is required" in err and "bundled" in err
+    assert code == 2 and "bundled model" in err and "Traceback" not in err
     code, _, err = _run(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"], capsys)
     assert code == 2 and "not a directory" in err
     (tmp_path / "config.json").write_text("{not json")

@@ -32,12 +32,15 @@ class Environment:
     """Everything the CLI takes from environment variables, read once by ``read_environment``."""
 
     model: str | None = None  # SPARSEINFER_MODEL: default for --model
+    auth_token: str | None = None  # SPARSEINFER_AUTH_TOKEN: default for `serve --auth-token`
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
     """The one place environment variables are read (at run time, never at import)."""
     env = os.environ if environ is None else environ
-    return Environment(model=env.get("SPARSEINFER_MODEL") or None)
+    return Environment(
+        model=env.get("SPARSEINFER_MODEL") or None, auth_token=env.get("SPARSEINFER_AUTH_TOKEN") or None
+    )
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class GenerateConfig:
     params: SamplingParams
     dtype: torch.dtype | None  # None keeps the checkpoint's dtype
     threads: int | None  # None keeps torch's default
+    sparsity: str = "dense"  # dense | oracle | predicted (engine.modes)
+    gpu_memory: int | None = None  # bytes for hot neurons + dense parts on the GPU; None: no placement
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="stream a completion for one prompt to stdout")
-    gen.add_argument("--model", help="checkpoint directory (default: $SPARSEINFER_MODEL)")
+    gen.add_argument(
+        "--model", help="checkpoint directory (default: $SPARSEINFER_MODEL, else the bundled ReLU² model)"
+    )
     gen.add_argument("--prompt", required=True)
     defaults = SamplingParams()
     gen.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
@@ -98,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     gen.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the checkpoint's)")
     gen.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    gen.add_argument(
+        "--sparsity",
+        choices=("dense", "oracle", "predicted"),
+        default="dense",
+        help="FFN execution: dense, oracle (true active set from the sidecar's calibration: the quality "
+        "reference) or predicted (the sidecar's predictors: the fast path)",
+    )
+    gen.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="memory budget of the fast device for hot/cold neuron placement: 4GiB, 512MB, 0 (= CPU only)",
+    )
     gen.set_defaults(run=_run_generate)
 
     rnd = sub.add_parser("random-checkpoint", help="write a tiny random Llama-format checkpoint (for demos)")
@@ -122,16 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
     from sparseinfer.bench import register as register_bench_commands
 
     register_bench_commands(sub)
+    from sparseinfer.serving.command import register as register_serve_command
+
+    register_serve_command(sub)
+    from sparseinfer.training.commands import register as register_training_commands
+
+    register_training_commands(sub)
     return parser
 
 
 def generate_config(args: argparse.Namespace, env: Environment) -> GenerateConfig:
     model = args.model or env.model
     if not model:
-        raise UsageError(
-            "--model is required: no model is bundled yet (that comes in a later release); "
-            "pass a checkpoint directory, or make a demo one with `sparseinfer random-checkpoint DIR`"
-        )
+        from sparseinfer.model.bundled import bundled_model_path
+
+        try:
+            model = bundled_model_path()  # the shipped ReLU² model
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -147,7 +174,13 @@ def generate_config(args: argparse.Namespace, env: Environment) -> GenerateConfi
     except ValueError as e:
         raise UsageError(f"invalid sampling parameter: {e}") from None
     dtype = DTYPES[args.dtype] if args.dtype else None
-    return GenerateConfig(Path(model), args.prompt, params, dtype, args.threads)
+    from sparseinfer.engine.placement import parse_memory
+
+    try:
+        gpu_memory = parse_memory(args.gpu_memory) if args.gpu_memory is not None else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return GenerateConfig(Path(model), args.prompt, params, dtype, args.threads, args.sparsity, gpu_memory)
 
 
 def run_generate(config: GenerateConfig, out: TextIO, err: TextIO) -> None:
@@ -165,9 +198,18 @@ def run_generate(config: GenerateConfig, out: TextIO, err: TextIO) -> None:
     # Size the cache for this one request instead of the model's whole context (GBs for a 7B model);
     # the generator still rejects a request that exceeds the context length.
     max_seq = len(prompt_ids) + config.params.max_new_tokens
-    generator = Generator(model, tokenizer, max_batch=1, max_seq=max_seq)
+    runtime = None
+    if config.sparsity != "dense" or config.gpu_memory is not None:
+        from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
+
+        sparsity = SparsityConfig(mode=config.sparsity, gpu_memory=config.gpu_memory)
+        runtime = SparseRuntime.from_checkpoint(model, config.model, sparsity, max_batch=1, max_seq=max_seq)
+        if runtime.placement is not None:
+            err.write(runtime.placement.summary() + "\n")
+    generator = Generator(model, tokenizer, max_batch=1, max_seq=max_seq, sparsity=runtime)
+    seq = generator.start(prompt_ids, config.params)
     final = None
-    for event in generator.generate_stream(prompt_ids, config.params):
+    for event in generator.stream(seq):
         out.write(event.text)
         out.flush()
         final = event
@@ -175,9 +217,12 @@ def run_generate(config: GenerateConfig, out: TextIO, err: TextIO) -> None:
         out.write("\n")
     assert final is not None and final.stats is not None
     s = final.stats
+    r = seq.sparsity.report()
     err.write(
         f"prompt tokens: {s.prompt_tokens}, generated tokens: {s.completion_tokens} ({final.finish_reason}), "
-        f"TTFT: {s.ttft_s * 1000:.1f} ms, decode: {s.decode_tokens_per_s:.1f} tokens/s\n"
+        f"TTFT: {s.ttft_s * 1000:.1f} ms, decode: {s.decode_tokens_per_s:.1f} tokens/s, "
+        f"sparsity: {r.mode} (computed {r.computed_share:.1%} of the FFN neurons, "
+        f"hot {r.hot_share:.1%} / cold {r.cold_share:.1%})\n"
     )
 
 

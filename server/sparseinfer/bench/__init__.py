@@ -14,4 +14,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks: sparse kernels, decode, the gRPC server under load")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     # One line per benchmark module (each defines register(bench_sub)):
-    del bench_sub
+    from sparseinfer.bench import decode
+
+    decode.register(bench_sub)
+    from sparseinfer.bench import serve
+
+    serve.register(bench_sub)
+    from sparseinfer.bench import kernels
+
+    kernels.register(bench_sub)
