@@ -1,8 +1,11 @@
 """The ``sparseinfer`` command line: a thin layer that parses flags into one frozen config for the library.
 
-Subcommands: ``generate`` (stream a completion to stdout, a summary to stderr) and ``random-checkpoint``
-(write a tiny random checkpoint for demos and tests until a real model is bundled). User errors (bad flags,
-a bad checkpoint, invalid sampling parameters) print one line to stderr and exit 2, without a traceback.
+Defined here: ``generate`` (stream a completion to stdout, a summary to stderr; the bundled model unless
+``--model``) and ``random-checkpoint`` (a tiny random checkpoint for tests and experiments). The other command
+groups register from their own packages: serving (``serve``), sparsity (``calibrate``, ``profile``,
+``train-predictor``, ``study``), training (``corpus``, ``train``, ``activation-study``, ``bundle-model``) and
+``bench``. User errors (bad flags, a bad checkpoint, invalid sampling parameters) print one line to stderr
+and exit 2, without a traceback.
 """
 
 from __future__ import annotations
