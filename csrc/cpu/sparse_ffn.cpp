@@ -8,7 +8,8 @@
 //      rows stay in L1 between batch rows). Rows whose gate is exactly zero (ReLU family) or that
 //      the row mask switches off skip the up projection; if none is left the neuron's W_up row is
 //      not read.
-//   2. y (B, d): the output columns are split into one block per thread; each block accumulates
+//   2. y (B, d): the output columns are split into blocks (two per thread, handed out from a shared
+//      counter, see parallel_chunks); each block accumulates
 //      h[j, b] * W_outᵀ[a_j, block] over j in ascending order in an fp32 buffer. Neurons whose h is
 //      0 for every batch row are skipped, so their W_outᵀ row is never read.
 // The inner loops live in row_kernels_{scalar,avx2,avx512}.cpp, chosen per call from the CPU's

@@ -56,6 +56,7 @@ def test_bench_runs_every_case_and_writes_results(tiny_shapes, tmp_path):
         assert row_bytes * n <= r["kernel_bytes"] <= per_neuron * row_bytes * n
         assert r["sparse_ms"] > 0 and r["dense_ms"] > 0 and r["kernel_bw_share"] > 0
         assert r["best_kernel_ms"] <= r["kernel_ms"] and r["best_kernel_bw_share"] >= r["kernel_bw_share"]
+        assert r["kernel_vs_read"] == pytest.approx(r["read_same_bytes_ms"] / r["kernel_ms"])
     assert len(result["crossover"]) == 2 * 2 * 2
     assert "building tiny-gated float32" in log.getvalue()
     kernels.write_results(result, tmp_path)

@@ -13,6 +13,7 @@ Timed, interleaved in every repeat (a noisy neighbour slows all alike) and repor
 - ``kernel``: ``ops.sparse_ffn_out`` alone, for its bandwidth: bytes it must read (the rows of active neurons,
   W_up / W_outᵀ rows only where h can be nonzero, as the kernel skips the others) / time, against the
   machine's bandwidth measured in the same run (a multi-threaded sum over a buffer much larger than caches).
+- ``read_same_bytes``: torch summing a contiguous buffer of the kernel's byte count, the same-size yardstick.
 Every timed call starts with cold caches (``CacheFlush``): otherwise the few MB a sparse call reads would stay
 in the L3 from one repeat to the next and the kernel would seem faster than memory.
 """
@@ -214,11 +215,16 @@ def run_case(
             x, layer.w_in, layer.w_up, layer.w_out_t, union, row_mask, layer.activation, 0.0, out
         )
 
+    kb = kernel_bytes(layer, x, union, row_mask)
+    # The same number of bytes read contiguously by torch (a sum, cold cache): what memory gives a read of
+    # this size, ramp-up and thread start included, to set the kernel's scattered rows against.
+    same_bytes = torch.ones(max(1, kb // 4), dtype=torch.float32)  # (kb / 4,)
     fns = {
         "dense": lambda: dense_ffn(layer, x),
         "dense_rows": lambda: dense_ffn_rows(layer, x),
         "sparse": sparse,
         "kernel": kernel,
+        "read_same_bytes": lambda: same_bytes.sum(),
     }
     times = interleaved_times(fns, repeats, flush, warmup)
     t = {k: statistics.median(v) for k, v in times.items()}
@@ -226,7 +232,6 @@ def run_case(
     best = {k: min(v) for k, v in times.items()}
     n_mats = 3 if layer.w_up is not None else 2
     dense_bytes = n_mats * m * d * layer.w_in.element_size()
-    kb = kernel_bytes(layer, x, union, row_mask)
     return {
         "batch": batch,
         "sparsity": sparsity,
@@ -246,6 +251,10 @@ def run_case(
         "best_kernel_ms": best["kernel"] * 1e3,
         "best_speedup": best["dense"] / best["sparse"],
         "best_kernel_gbps": kb / best["kernel"] / 1e9,
+        "read_same_bytes_ms": t["read_same_bytes"] * 1e3,
+        # > 1: the kernel reads its scattered rows faster than torch streams the same bytes contiguously.
+        "kernel_vs_read": t["read_same_bytes"] / t["kernel"],
+        "best_kernel_vs_read": best["read_same_bytes"] / best["kernel"],
     }
 
 
