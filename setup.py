@@ -23,14 +23,20 @@ def _build_cuda() -> bool:
 
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    # -fopenmp is what makes at::parallel_for parallel: ATen's OpenMP backend is a header template that
+    # compiles to a plain serial loop in a translation unit built without it. torch already links libgomp.
+    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if _build_cuda():
         return CUDAExtension(
             "sparseinfer._C",
             sources + sorted(glob.glob("csrc/cuda/*.cu")),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_link_args=link_flags,
         )
-    return CppExtension("sparseinfer._C", sources, extra_compile_args={"cxx": cxx_flags})
+    return CppExtension(
+        "sparseinfer._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+    )
 
 
 setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
