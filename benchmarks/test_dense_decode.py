@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from sparseinfer.bench.machine import cpu_model  # noqa: E402
 from sparseinfer.engine import Generator, SamplingParams  # noqa: E402
 from sparseinfer.model import load_model, load_tokenizer  # noqa: E402
 from sparseinfer.model.random_checkpoint import build_tokenizer  # noqa: E402
@@ -45,16 +45,6 @@ MODEL_CONFIG = dict(
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RESULTS_DIR = Path(__file__).parent / "results"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +146,7 @@ def _write(rows: dict[tuple[str, str], dict[str, float]]) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "rounds": _settings()[1],
         "model": MODEL_CONFIG,

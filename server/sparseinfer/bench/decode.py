@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from typing import Any, TextIO
 import torch
 
 from sparseinfer.bench.decode_model import SHAPE, write_checkpoint
+from sparseinfer.bench.machine import cpu_model
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def run_decode_bench(config: DecodeBenchConfig, out: TextIO) -> dict[str, Any]:
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "shape": SHAPE,
@@ -228,16 +228,6 @@ def _ops_note() -> str:
 
     compiled = hasattr(torch.ops.sparseinfer, "sparse_ffn") and ops.sparse_ffn is not reference.sparse_ffn
     return "compiled" if compiled else "reference (pure torch)"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -29,18 +28,9 @@ from sparseinfer.bench.kernels_measure import (
     measure_bandwidth,
     run_case,
 )
+from sparseinfer.bench.machine import cpu_model
 
 TARGET_SPEEDUP, TARGET_BANDWIDTH = 5.0, 0.8  # at 90% sparsity, batch 1, bf16 (issue 5)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_kernel_bench(config: KernelBenchConfig, log: TextIO) -> dict[str, Any]:
@@ -77,7 +67,7 @@ def run_kernel_bench(config: KernelBenchConfig, log: TextIO) -> dict[str, Any]:
         row["best_kernel_bw_share"] = row["best_kernel_gbps"] * 1e9 / bandwidth
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "bandwidth_gbps": bandwidth / 1e9,

@@ -28,6 +28,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from sparseinfer.bench.machine import cpu_model
 from sparseinfer.bench.serve_baseline import EngineProcess, interleaved
 from sparseinfer.bench.serve_load import LoadConfig, run_load, summarise
 
@@ -137,7 +138,7 @@ def run_serve_bench(
     meta: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "target": target,
         "model": {k: info[k] for k in ("model_id", "architecture", "activation", "dtype")},
         "num_layers": info["num_layers"],
@@ -150,14 +151,6 @@ def run_serve_bench(
     if 1 in closed and 16 in closed:
         meta["scaling_16_vs_1"] = closed[16]["output_tokens_per_s"] / closed[1]["output_tokens_per_s"]
     return {"meta": meta, "rows": rows}
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _ms(dist: dict[str, float], key: str) -> str:
