@@ -75,6 +75,30 @@ def test_seed_replays_a_sampled_result(client):
     assert again.text == first.text and again.seed == first.seed
 
 
+def test_logprobs_are_the_models_own(client, tiny_random_checkpoint):
+    import torch
+
+    from sparseinfer.model import load_model
+
+    opts = dict(max_new_tokens=8, temperature=0, ignore_eos=True)
+    plain = client.generate(PROMPT, return_tokens=True, **opts)
+    scored = client.generate(PROMPT, return_logprobs=True, **opts)
+    streamed = [t for c in client.generate_stream(PROMPT, return_logprobs=True, **opts) for t in c.tokens]
+    ids = [t.id for t in scored.tokens]
+    assert ids == [t.id for t in plain.tokens] == [t.id for t in streamed] and len(ids) == 8
+    assert all(t.logprob is None for t in plain.tokens)
+    logprobs = [t.logprob for t in scored.tokens]
+    assert all(isinstance(lp, float) and lp <= 0.0 for lp in logprobs)
+    assert [t.logprob for t in streamed] == logprobs
+    # Oracle: greedy logprobs are log_softmax of the model's raw logits (a no-cache forward, no server).
+    prompt_ids = list(client.tokenize(PROMPT).ids)
+    model = load_model(tiny_random_checkpoint)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids + ids]))[0, len(prompt_ids) - 1 : -1].float()  # (8, V)
+    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids)[:, None])[:, 0].tolist()
+    assert logprobs == pytest.approx(expected, abs=1e-4)
+
+
 @pytest.mark.parametrize(
     ("options", "field"),
     [

@@ -7,6 +7,7 @@ import math
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -73,13 +74,37 @@ def test_invalid_field_is_named(stub, request_, field, method):
     assert err.value.details().startswith(f"{field}:"), err.value.details()
 
 
-def test_logprobs_are_refused_until_the_engine_exposes_them(stub):
-    r = req()
-    r.details.logprobs = True
-    with pytest.raises(grpc.RpcError) as err:
-        stub.Generate(r, timeout=10)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith("details.logprobs:")
+def _forward_logprobs(model, ids, new_ids):
+    """Oracle: log_softmax of the model's no-cache forward at each generated token (no server, no cache)."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([list(ids) + list(new_ids)]))[0, len(ids) - 1 : -1].float()  # (n, V)
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(new_ids)[:, None])[:, 0].tolist()
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 1.0, "seed": 17}])
+def test_logprobs_match_the_models_own_distribution(stub, tiny_llama_checkpoint, sampling):
+    """Greedy: log_softmax of the raw logits; temperature 1 without filters: the same distribution sampled."""
+    from sparseinfer.model import load_model, load_tokenizer
+
+    plain = req(text="The quick brown fox", max_new_tokens=10, ignore_eos=True, **sampling)
+    plain.details.tokens = True
+    scored = pb.GenerateRequest()
+    scored.CopyFrom(plain)
+    scored.details.tokens = False
+    scored.details.logprobs = True  # implies tokens
+    without = stub.Generate(plain, timeout=20)
+    unary = stub.Generate(scored, timeout=20)
+    streamed = [t for m in stub.GenerateStream(scored, timeout=20) for t in m.tokens]
+
+    ids = [t.id for t in unary.tokens]
+    assert ids == [t.id for t in without.tokens] == [t.id for t in streamed] and len(ids) == 10
+    assert not any(t.HasField("logprob") for t in without.tokens)
+    assert all(t.HasField("logprob") for t in list(unary.tokens) + streamed)
+    logprobs = [t.logprob for t in unary.tokens]
+    assert logprobs == [t.logprob for t in streamed]
+    assert all(lp <= 0.0 for lp in logprobs)
+    model, tok = load_model(tiny_llama_checkpoint), load_tokenizer(tiny_llama_checkpoint)
+    assert logprobs == pytest.approx(_forward_logprobs(model, tok.encode(plain.text), ids), abs=1e-4)
 
 
 FINISH = {pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS, pb.FINISH_REASON_STOP_SEQUENCE}
@@ -125,6 +150,7 @@ def fuzzed_requests(draw):
     r.sparsity_mode = draw(mostly(st.sampled_from([0, 1]), st.sampled_from([2, 3, 9, -4])))
     r.request_id = draw(mostly(st.text(max_size=20), st.text(max_size=200)))
     r.details.tokens = draw(st.booleans())
+    r.details.logprobs = draw(st.booleans())
     return r
 
 
@@ -142,8 +168,10 @@ def test_fuzzed_requests_get_a_valid_answer_or_invalid_argument(stub, request_, 
     assert response.finish_reason in FINISH
     assert 0 < response.usage.generated_tokens <= request_.stopping.max_new_tokens
     assert response.sparsity.mode == pb.SPARSITY_MODE_DENSE and response.sparsity.computed_share == 1.0
-    if request_.details.tokens:
+    if request_.details.tokens or request_.details.logprobs:
         assert len(response.tokens) == response.usage.generated_tokens
+    assert all(t.HasField("logprob") == request_.details.logprobs for t in response.tokens)
+    assert all(t.logprob <= 0.0 for t in response.tokens)
     if request_.request_id:
         assert response.request_id == request_.request_id
 

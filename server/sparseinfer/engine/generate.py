@@ -29,7 +29,7 @@ from sparseinfer.engine.accounting import SparsityTally
 from sparseinfer.engine.kv_cache import KVCache
 from sparseinfer.engine.modes import SparseRuntime, validate_mode
 from sparseinfer.engine.placement import neuron_bytes
-from sparseinfer.engine.sampling import SamplingParams, sample_batch
+from sparseinfer.engine.sampling import SamplingParams, sample_batch_scored
 from sparseinfer.engine.sequence import GenerationEvent, GenerationResult, Sequence
 from sparseinfer.model.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -161,8 +161,8 @@ class Generator:
             tokens = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
             slots = torch.tensor([seq.slot], dtype=torch.long, device=self.device)  # (1,)
             logits = self._forward([seq], tokens, slots)  # (1, 1, V)
-            (token,) = sample_batch(logits[:, -1, :], [seq.sampler])
-            event = seq.append(token)
+            ((token, logprob),) = sample_batch_scored(logits[:, -1, :], [seq.sampler])
+            event = seq.append(token, logprob)
         except BaseException:
             self.release(seq)
             raise
@@ -184,8 +184,8 @@ class Generator:
         tokens = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)  # (B,)
         logits = self._forward(seqs, tokens, slots)  # (B, 1, V)
-        picked = sample_batch(logits[:, -1, :], [s.sampler for s in seqs])
-        events = [seq.append(token) for seq, token in zip(seqs, picked, strict=True)]
+        picked = sample_batch_scored(logits[:, -1, :], [s.sampler for s in seqs])
+        events = [seq.append(token, logprob) for seq, (token, logprob) in zip(seqs, picked, strict=True)]
         for seq in seqs:
             if seq.finished:
                 self.release(seq)

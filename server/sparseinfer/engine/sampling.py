@@ -7,6 +7,12 @@ makes a seed meaningful behind a continuous batcher.
 
 Logits are processed in the order Hugging Face ``generate`` uses: repetition penalty, temperature, top-k,
 top-p; then greedy argmax (temperature 0) or one multinomial draw.
+
+Log-probabilities (``SamplingParams.logprobs``): the natural log of the probability the token was drawn
+with, i.e. ``log_softmax`` of the processed logits at that token. Greedy decoding draws from no
+distribution, so for it the value is ``log_softmax`` of the penalised raw logits (temperature 1, no
+filters): the model's own probability of the token after the repetition penalty. They are computed after
+the token is chosen and only for requests that ask, so they never change tokens and cost nothing otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ class SamplingParams:
     ``repetition_penalty=1.0`` is off and otherwise follows HF: logits of tokens seen in prompt or output
     are divided by it when positive and multiplied by it when negative. ``seed=None`` draws a fresh seed.
     ``stop`` strings end generation when they appear in the decoded text (they are not emitted).
+    ``logprobs`` makes every generated token carry its log-probability (see the module docstring).
     """
 
     max_new_tokens: int = 128
@@ -36,6 +43,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -64,6 +72,8 @@ class SamplingParams:
             raise ValueError(f"stop must be a tuple of strings, got {self.stop!r}")
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"logprobs must be a bool, got {self.logprobs!r}")
         return self
 
 
@@ -158,18 +168,37 @@ class RequestSampler:
 
     def sample_row(self, row: torch.Tensor) -> int:
         """Pick the next token from one row of logits ``(V,)``."""
-        processed = process_logits(row, self.params, self._seen_mask(row))
+        return self.pick(row)[0]
+
+    def pick(self, row: torch.Tensor) -> tuple[int, float | None]:
+        """The next token from one row of logits ``(V,)`` and, when requested, its log-probability."""
+        processed = process_logits(row, self.params, self._seen_mask(row))  # (V,) fp32
         if self.params.greedy:
-            return int(processed.argmax())
-        probs = processed.softmax(dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self._rng(row.device)))
+            token = int(processed.argmax())
+        else:
+            probs = processed.softmax(dim=-1)  # (V,)
+            token = int(torch.multinomial(probs, 1, generator=self._rng(row.device)))
+        return token, token_logprob(processed, token) if self.params.logprobs else None
+
+
+def token_logprob(row: torch.Tensor, token: int) -> float:
+    """``log_softmax(row)[token]`` in fp32 for one row of logits ``(V,)`` (-inf entries are filtered out)."""
+    return float(torch.log_softmax(row.float(), dim=-1)[token])
 
 
 def sample_batch(logits: torch.Tensor, samplers: Sequence[RequestSampler]) -> list[int]:
-    """Next token for each row of ``logits`` ``(B, V)``, row b using ``samplers[b]``.
+    """Next token for each row of ``logits`` ``(B, V)``, row b using ``samplers[b]``."""
+    return [token for token, _ in sample_batch_scored(logits, samplers)]
+
+
+def sample_batch_scored(
+    logits: torch.Tensor, samplers: Sequence[RequestSampler]
+) -> list[tuple[int, float | None]]:
+    """(token, log-probability or None) for each row of ``logits`` ``(B, V)``, row b using ``samplers[b]``.
 
     Plain greedy rows share one batched argmax; every other row is processed alone with its own params
-    and RNG, so no row's result depends on the others.
+    and RNG, so no row's result depends on the others. A log-probability is computed from its own row
+    only, and only for a request that asked for it.
     """
     if logits.dim() != 2 or logits.shape[0] != len(samplers):
         raise ValueError(f"expected logits (B={len(samplers)}, V), got {tuple(logits.shape)}")
@@ -181,7 +210,12 @@ def sample_batch(logits: torch.Tensor, samplers: Sequence[RequestSampler]) -> li
             picked = logits.argmax(dim=-1).tolist()
         for b, token in zip(plain, picked, strict=True):
             tokens[b] = token
+    scored: list[tuple[int, float | None]] = []
     for b, sampler in enumerate(samplers):
         if sampler.needs_processing:
-            tokens[b] = sampler.sample_row(logits[b])
-    return tokens
+            scored.append(sampler.pick(logits[b]))
+        elif sampler.params.logprobs:  # plain greedy: the processed logits are the raw ones
+            scored.append((tokens[b], token_logprob(logits[b], tokens[b])))
+        else:
+            scored.append((tokens[b], None))
+    return scored

@@ -55,13 +55,14 @@ class GenerationEvent:
 
     ``text`` may be empty (incomplete UTF-8 or a possible stop-string prefix is being held back) and may
     include text from earlier tokens once it is released. Only the last event has ``finish_reason`` and
-    ``stats`` set.
+    ``stats`` set. ``logprobs`` has one entry per token id when the request asked for them, else is empty.
     """
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
     stats: GenerationStats | None = None
+    logprobs: tuple[float, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -77,6 +78,7 @@ class GenerationResult:
     finish_reason: FinishReason
     stats: GenerationStats
     seed: int  # the seed actually used (drawn when the request gave none), so a result can be replayed
+    logprobs: tuple[float, ...] = ()  # one per token id when requested (SamplingParams.logprobs), else empty
 
     @property
     def prompt_tokens(self) -> int:
@@ -90,14 +92,16 @@ class GenerationResult:
     def collect(cls, events: Iterable[GenerationEvent], seed: int) -> GenerationResult:
         text: list[str] = []
         ids: list[int] = []
+        logprobs: list[float] = []
         last: GenerationEvent | None = None
         for event in events:
             text.append(event.text)
             ids.extend(event.token_ids)
+            logprobs.extend(event.logprobs)
             last = event
         if last is None or last.finish_reason is None or last.stats is None:
             raise RuntimeError("generation stream ended without a final event")
-        return cls("".join(text), tuple(ids), last.finish_reason, last.stats, seed)
+        return cls("".join(text), tuple(ids), last.finish_reason, last.stats, seed, tuple(logprobs))
 
 
 class StopMatcher:
@@ -188,8 +192,10 @@ class Sequence:
         """The token to feed to the next decode step."""
         return self.output_ids[-1]
 
-    def append(self, token_id: int) -> GenerationEvent:
-        """Record a sampled token and turn it into an event (the final one if this token ends the request)."""
+    def append(self, token_id: int, logprob: float | None = None) -> GenerationEvent:
+        """Record a sampled token and turn it into an event (the final one if this token ends the request).
+
+        ``logprob`` (given when the request asked for log-probabilities) is carried on the event."""
         if self.finished:
             raise RuntimeError(f"sequence {self.request_id!r} already finished ({self.finish_reason})")
         now = time.perf_counter()
@@ -198,6 +204,7 @@ class Sequence:
         self.output_ids.append(token_id)
         self.sampler.observe(token_id)
 
+        logprobs = (logprob,) if logprob is not None else ()
         text = ""
         if token_id in self._eos:
             # The EOS token counts as a completion token (as in HF and vLLM) but has no text.
@@ -209,7 +216,7 @@ class Sequence:
         if self.finish_reason is None and len(self.output_ids) >= self.params.max_new_tokens:
             self.finish_reason = "length"
         if self.finish_reason is None:
-            return GenerationEvent(text, (token_id,))
+            return GenerationEvent(text, (token_id,), logprobs=logprobs)
 
         if self.finish_reason != "stop":
             # Release what was held back: incomplete UTF-8 (as replacement characters) and any tail that
@@ -218,7 +225,7 @@ class Sequence:
             if stopped:
                 self.finish_reason = "stop"
             text += tail + self._stop.flush()
-        return GenerationEvent(text, (token_id,), self.finish_reason, self.stats())
+        return GenerationEvent(text, (token_id,), self.finish_reason, self.stats(), logprobs)
 
     def stats(self) -> GenerationStats:
         first = self.t_first if self.t_first is not None else self.t_submit

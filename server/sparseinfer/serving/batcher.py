@@ -346,7 +346,7 @@ class Batcher:
     # ---- results -------------------------------------------------------------------------------------
 
     def _deliver(self, entry: _Entry, event: GenerationEvent) -> None:
-        chunk = TokenChunk(event.text, tuple(event.token_ids))
+        chunk = TokenChunk(event.text, tuple(event.token_ids), tuple(event.logprobs))
         if event.finish_reason is None:
             self._emit(entry, chunk)
         else:

@@ -49,6 +49,7 @@ FIELD_PATH = {
 
 @dataclass(frozen=True)
 class Details:
+    # Also set by details.logprobs, which implies tokens; the values themselves ride on the TokenChunks.
     tokens: bool = False
 
 
@@ -110,9 +111,6 @@ def from_pb(msg: pb.GenerateRequest, limits: Limits, deadline: float | None) -> 
         mode = MODE_FROM_PB[msg.sparsity_mode]
     if len(msg.request_id) > MAX_REQUEST_ID:
         raise _invalid("request_id", f"at most {MAX_REQUEST_ID} characters, got {len(msg.request_id)}")
-    if msg.details.logprobs:
-        # The engine's sampler does not expose the processed distribution yet; refuse rather than guess.
-        raise _invalid("details.logprobs", "log-probabilities are not supported by this server yet")
 
     params = SamplingParams(
         max_new_tokens=max_new,
@@ -123,9 +121,11 @@ def from_pb(msg: pb.GenerateRequest, limits: Limits, deadline: float | None) -> 
         seed=s.seed if s.HasField("seed") else None,
         stop=stops,
         ignore_eos=st.ignore_eos,
+        logprobs=msg.details.logprobs,
     )
     request_id = msg.request_id or uuid.uuid4().hex
-    return BatchRequest(prompt, params, request_id, mode, deadline), Details(tokens=msg.details.tokens)
+    details = Details(tokens=msg.details.tokens or msg.details.logprobs)
+    return BatchRequest(prompt, params, request_id, mode, deadline), details
 
 
 def error_message(err: ServingError) -> str:
@@ -137,7 +137,12 @@ def error_message(err: ServingError) -> str:
 
 
 def tokens_to_pb(chunk: TokenChunk, piece: Callable[[int], str]) -> list[pb.Token]:
-    return [pb.Token(id=t, text=piece(t)) for t in chunk.token_ids]
+    if not chunk.logprobs:
+        return [pb.Token(id=t, text=piece(t)) for t in chunk.token_ids]
+    return [
+        pb.Token(id=t, text=piece(t), logprob=lp)
+        for t, lp in zip(chunk.token_ids, chunk.logprobs, strict=True)
+    ]
 
 
 def report_to_pb(r: SparsityReport) -> pb.SparsityReport:

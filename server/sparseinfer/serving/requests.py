@@ -61,6 +61,7 @@ class TokenChunk:
 
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] = ()  # one per token id when the request asked for them, else empty
 
 
 @dataclass(frozen=True)
