@@ -133,7 +133,7 @@ def test_accounting_matches_brute_force_in_oracle_mode(calibrated_checkpoint, lo
     assert report.computed_share == pytest.approx(sum(stats.active) / (len(fed) * m * L))
     steps = 1 + (len(seq.output_ids) - 1)  # one prefill + one decode step per further token
     assert report.ffn_bytes_dense == steps * L * m * neuron_bytes(reference)
-    assert report.hot_share == 1.0  # no placement: one tier on the model's device
+    assert report.hot_share == 0.0 and report.cold_share == 1.0  # no placement, CPU model: CPU tier
 
 
 def test_predicted_mode_measures_truth_and_recall_when_asked(calibrated_checkpoint, load_calibrated):

@@ -87,7 +87,10 @@ class SparseRuntime:
             w_up = mlp.up_proj.weight.detach() if mlp.up_proj is not None else None  # (m, d)
             w_out = mlp.down_proj.weight.detach()  # (d, m)
             if placement is None:
-                tiers = [make_tier(w_in, w_up, w_out, torch.arange(m), model.device, hot=True)]
+                # One tier on the model's device: the report's "hot" means served by the GPU, so a
+                # CPU-only model counts every neuron as cold.
+                on_gpu = model.device.type != "cpu"
+                tiers = [make_tier(w_in, w_up, w_out, torch.arange(m), model.device, hot=on_gpu)]
             else:
                 hot = placement.hot[li]
                 cold = torch.ones(m, dtype=torch.bool)
