@@ -23,3 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     from sparseinfer.bench import kernels
 
     kernels.register(bench_sub)
+    from sparseinfer.bench import bundled
+
+    bundled.register(bench_sub)
