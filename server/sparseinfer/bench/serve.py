@@ -114,7 +114,9 @@ async def _runs(
                 model_path=engine_model,
                 prompt=c.prompt,
                 max_new_tokens=c.max_new_tokens,
-                sparsity=c.sparsity_mode,
+                # As the server runs it: its compute dtype and, for requests without a mode, its default mode.
+                dtype=info["dtype"],
+                sparsity=c.sparsity_mode or info["default_sparsity_mode"],
                 max_batch=info["limits"]["max_batch_size"],
                 max_seq=info["max_context"],
             )

@@ -36,13 +36,15 @@ class EngineBaseline:
         sparsity: str | None,
         max_batch: int,
         max_seq: int,
+        dtype: str | None = None,
     ) -> None:
         from sparseinfer.engine.generate import Generator
         from sparseinfer.engine.sampling import SamplingParams
         from sparseinfer.model import load_model, load_tokenizer
+        from sparseinfer.model.config import DTYPES
 
         tokenizer = load_tokenizer(model_path)
-        model = load_model(model_path)
+        model = load_model(model_path, dtype=DTYPES[dtype] if dtype is not None else None)
         self.ids = tokenizer.encode(prompt)
         runtime = None
         if sparsity not in (None, "dense"):
