@@ -18,10 +18,11 @@ constexpr int kMaxAxpyWeights = 4;
 
 struct RowKernels {
   // out[r] = sum_c w[c] * xs[r][c], c < d, for r < nrows (nrows <= kMaxDotRows). The weight row is
-  // read once for all rows; the summation order depends only on d (not on threads or rows).
-  // `next` is the weight row the caller reads after this one (or nullptr): it is prefetched while
-  // this row streams in, because rows of different neurons are not adjacent and the hardware
-  // prefetcher stops at page boundaries.
+  // read once for all rows. The summation order depends only on d (not on threads or on how many
+  // rows share the call), so a row's result never depends on the batch it came in.
+  // `next` is the weight row the caller reads after this one (or nullptr): it is prefetched (into
+  // L2) while this row streams in, because rows of different neurons are not adjacent and the
+  // hardware prefetcher stops at page boundaries.
   void (*dots)(const void* w, const void* next, const float* const* xs, int nrows, int64_t d,
                float* out);
   // buf[rows[k] * ldb + c] += sum_i coefs[i][rows[k]] * ws[i][c] for c < len, k < nrows, i < nw

@@ -57,26 +57,24 @@ inline void prefetch(const void* next, int64_t c, int count) {
   const char* row = static_cast<const char*>(next);
   const int64_t first = (c * kSize + 63) / 64 * 64;
   for (int64_t off = first; off < (c + count) * kSize; off += 64)
-    _mm_prefetch(row + off, _MM_HINT_T0);
+    _mm_prefetch(row + off, _MM_HINT_T2);
 }
 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-// kRows rows of x against one weight row; kUnroll independent accumulators per row hide the FMA
-// latency (one row needs more of them than four rows do).
+// kRows rows of x against one weight row. Per row two accumulators (alternate 16-lane blocks),
+// summed at the end, then the scalar tail: the same order whatever kRows is.
 template <WeightType kType, int kRows>
 void dots_n(const void* w, const void* next, const float* const* xs, int64_t d, float* out) {
-  constexpr int kUnroll = kRows == 1 ? 4 : 2;
-  __m512 acc[kRows][kUnroll];
-  for (int r = 0; r < kRows; ++r)
-    for (int u = 0; u < kUnroll; ++u) acc[r][u] = _mm512_setzero_ps();
+  __m512 acc[kRows][2];
+  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   int64_t c = 0;
-  for (; c + 16 * kUnroll <= d; c += 16 * kUnroll) {
-    if (next != nullptr) prefetch<kType>(next, c, 16 * kUnroll);
-    for (int u = 0; u < kUnroll; ++u) {
-      const __m512 wv = load16<kType>(w, c + 16 * u);
-      for (int r = 0; r < kRows; ++r)
-        acc[r][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs[r] + c + 16 * u), acc[r][u]);
+  for (; c + 32 <= d; c += 32) {
+    if (next != nullptr) prefetch<kType>(next, c, 32);
+    const __m512 w0 = load16<kType>(w, c), w1 = load16<kType>(w, c + 16);
+    for (int r = 0; r < kRows; ++r) {
+      acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[r] + c), acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xs[r] + c + 16), acc[r][1]);
     }
   }
   for (; c + 16 <= d; c += 16) {
@@ -85,9 +83,7 @@ void dots_n(const void* w, const void* next, const float* const* xs, int64_t d, 
       acc[r][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs[r] + c), acc[r][0]);
   }
   for (int r = 0; r < kRows; ++r) {
-    __m512 total = acc[r][0];
-    for (int u = 1; u < kUnroll; ++u) total = _mm512_add_ps(total, acc[r][u]);
-    float s = hsum(total);
+    float s = hsum(_mm512_add_ps(acc[r][0], acc[r][1]));
     for (int64_t t = c; t < d; ++t) s = __builtin_fmaf(load1<kType>(w, t), xs[r][t], s);
     out[r] = s;
   }

@@ -36,6 +36,14 @@ def test_threads_give_identical_bits(isa):
     assert torch.equal(one, many)
 
 
+def test_row_result_independent_of_batch(isa):
+    """Each row's output equals that row computed alone, bit for bit, whatever the batch size."""
+    x, w = torch.randn(7, 77).bfloat16(), torch.randn(50, 77).bfloat16()
+    batch = ops.linear(x, w)
+    for b in range(7):
+        assert torch.equal(batch[b : b + 1], ops.linear(x[b : b + 1], w)), b
+
+
 @pytest.mark.parametrize(
     ("x", "w", "b", "message"),
     [
