@@ -13,7 +13,7 @@ namespace cpu {
 enum class WeightType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 // Rows handled by one call of `dots` / `axpys`; callers split longer lists.
-constexpr int kMaxDotRows = 4;
+constexpr int kMaxDotRows = 2;
 constexpr int kMaxAxpyWeights = 4;
 
 struct RowKernels {

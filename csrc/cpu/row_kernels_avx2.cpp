@@ -62,19 +62,24 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// kRows rows of x against one weight row. Per row two accumulators (alternate 8-lane blocks),
-// summed at the end, then the scalar tail: the same order whatever kRows is.
+// kRows rows of x against one weight row. Per row kChains accumulators take 8-lane blocks in turn
+// (enough independent FMA chains to hide the FMA latency: with two, one row's dot product is capped
+// near 21 GB/s of bf16 weights at 2.6 GHz), then blocks of 8 go to the first, the chains are summed
+// pairwise, and the scalar tail follows. The same order for every kRows, so a row's result does not
+// depend on its batch mates; kRows <= 2 keeps 4 x kRows accumulators in registers.
 template <WeightType kType, int kRows>
 void dots_n(const void* w, const void* next, const float* const* xs, int64_t d, float* out) {
-  __m256 acc[kRows][2];
-  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  constexpr int kChains = 4;
+  __m256 acc[kRows][kChains];
+  for (int r = 0; r < kRows; ++r)
+    for (int u = 0; u < kChains; ++u) acc[r][u] = _mm256_setzero_ps();
   int64_t c = 0;
-  for (; c + 16 <= d; c += 16) {
-    if (next != nullptr) prefetch<kType>(next, c, 16);
-    const __m256 w0 = load8<kType>(w, c), w1 = load8<kType>(w, c + 8);
-    for (int r = 0; r < kRows; ++r) {
-      acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xs[r] + c), acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xs[r] + c + 8), acc[r][1]);
+  for (; c + 8 * kChains <= d; c += 8 * kChains) {
+    if (next != nullptr) prefetch<kType>(next, c, 8 * kChains);
+    for (int u = 0; u < kChains; ++u) {
+      const __m256 wv = load8<kType>(w, c + 8 * u);
+      for (int r = 0; r < kRows; ++r)
+        acc[r][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[r] + c + 8 * u), acc[r][u]);
     }
   }
   for (; c + 8 <= d; c += 8) {
@@ -83,7 +88,8 @@ void dots_n(const void* w, const void* next, const float* const* xs, int64_t d, 
       acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[r] + c), acc[r][0]);
   }
   for (int r = 0; r < kRows; ++r) {
-    float s = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+    float s = hsum(
+        _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])));
     for (int64_t t = c; t < d; ++t) s = __builtin_fmaf(load1<kType>(w, t), xs[r][t], s);
     out[r] = s;
   }
@@ -92,16 +98,8 @@ void dots_n(const void* w, const void* next, const float* const* xs, int64_t d, 
 template <WeightType kType>
 void dots(const void* w, const void* next, const float* const* xs, int nrows, int64_t d,
           float* out) {
-  switch (nrows) {
-    case 1:
-      return dots_n<kType, 1>(w, next, xs, d, out);
-    case 2:
-      return dots_n<kType, 2>(w, next, xs, d, out);
-    case 3:
-      return dots_n<kType, 3>(w, next, xs, d, out);
-    default:
-      return dots_n<kType, 4>(w, next, xs, d, out);
-  }
+  if (nrows == 1) return dots_n<kType, 1>(w, next, xs, d, out);
+  return dots_n<kType, 2>(w, next, xs, d, out);
 }
 
 template <WeightType kType, int kNw>

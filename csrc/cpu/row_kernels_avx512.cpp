@@ -62,19 +62,24 @@ inline void prefetch(const void* next, int64_t c, int count) {
 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-// kRows rows of x against one weight row. Per row two accumulators (alternate 16-lane blocks),
-// summed at the end, then the scalar tail: the same order whatever kRows is.
+// kRows rows of x against one weight row. Per row kChains accumulators take 16-lane blocks in turn
+// (enough independent FMA chains to hide the FMA latency: with two, one row's dot product is capped
+// near 21 GB/s of bf16 weights at 2.6 GHz), then blocks of 16 go to the first, the chains are
+// summed pairwise, and the scalar tail follows. The same order for every kRows, so a row's result
+// does not depend on its batch mates; kRows <= 2 keeps 4 x kRows accumulators in registers.
 template <WeightType kType, int kRows>
 void dots_n(const void* w, const void* next, const float* const* xs, int64_t d, float* out) {
-  __m512 acc[kRows][2];
-  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  constexpr int kChains = 4;
+  __m512 acc[kRows][kChains];
+  for (int r = 0; r < kRows; ++r)
+    for (int u = 0; u < kChains; ++u) acc[r][u] = _mm512_setzero_ps();
   int64_t c = 0;
-  for (; c + 32 <= d; c += 32) {
-    if (next != nullptr) prefetch<kType>(next, c, 32);
-    const __m512 w0 = load16<kType>(w, c), w1 = load16<kType>(w, c + 16);
-    for (int r = 0; r < kRows; ++r) {
-      acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[r] + c), acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xs[r] + c + 16), acc[r][1]);
+  for (; c + 16 * kChains <= d; c += 16 * kChains) {
+    if (next != nullptr) prefetch<kType>(next, c, 16 * kChains);
+    for (int u = 0; u < kChains; ++u) {
+      const __m512 wv = load16<kType>(w, c + 16 * u);
+      for (int r = 0; r < kRows; ++r)
+        acc[r][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs[r] + c + 16 * u), acc[r][u]);
     }
   }
   for (; c + 16 <= d; c += 16) {
@@ -83,7 +88,8 @@ void dots_n(const void* w, const void* next, const float* const* xs, int64_t d, 
       acc[r][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs[r] + c), acc[r][0]);
   }
   for (int r = 0; r < kRows; ++r) {
-    float s = hsum(_mm512_add_ps(acc[r][0], acc[r][1]));
+    float s = hsum(
+        _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));
     for (int64_t t = c; t < d; ++t) s = __builtin_fmaf(load1<kType>(w, t), xs[r][t], s);
     out[r] = s;
   }
@@ -92,16 +98,8 @@ void dots_n(const void* w, const void* next, const float* const* xs, int64_t d, 
 template <WeightType kType>
 void dots(const void* w, const void* next, const float* const* xs, int nrows, int64_t d,
           float* out) {
-  switch (nrows) {
-    case 1:
-      return dots_n<kType, 1>(w, next, xs, d, out);
-    case 2:
-      return dots_n<kType, 2>(w, next, xs, d, out);
-    case 3:
-      return dots_n<kType, 3>(w, next, xs, d, out);
-    default:
-      return dots_n<kType, 4>(w, next, xs, d, out);
-  }
+  if (nrows == 1) return dots_n<kType, 1>(w, next, xs, d, out);
+  return dots_n<kType, 2>(w, next, xs, d, out);
 }
 
 template <WeightType kType, int kNw>
