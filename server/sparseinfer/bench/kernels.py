@@ -29,6 +29,7 @@ from sparseinfer.bench.kernels_measure import (
     run_case,
 )
 from sparseinfer.bench.machine import cpu_model
+from sparseinfer.engine import hugepages
 
 TARGET_SPEEDUP, TARGET_BANDWIDTH = 5.0, 0.8  # at 90% sparsity, batch 1, bf16 (issue 5)
 
@@ -72,6 +73,7 @@ def run_kernel_bench(config: KernelBenchConfig, log: TextIO) -> dict[str, Any]:
         "torch": torch.__version__,
         "bandwidth_gbps": bandwidth / 1e9,
         "bandwidth_samples_gbps": [b / 1e9 for b in bandwidths],
+        "hugepages": hugepages.enabled(),
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
     }
     return {"meta": meta, "rows": rows, "crossover": cross}
@@ -87,7 +89,13 @@ def format_table(result: dict[str, Any]) -> str:
         "select_active + sparse_ffn; `kernel` = sparse_ffn alone; union = share of neurons in the batch's "
         "active set. Medians of interleaved repeats on a machine shared with other work (noisy); `best` = "
         "the fastest repeat of each, the nearest to uncontended figures. Caches are flushed before every "
-        "timed call.",
+        "timed call. Weights (dense and sparse layouts alike) "
+        + (
+            "are in 2 MiB huge pages, as the engine places them."
+            if meta.get("hugepages")
+            else "are on 4 KiB pages."
+        )
+        + "",
         "",
         "`dense rows` = the dense FFN through ops.linear (our row kernels), a bandwidth-bound baseline. "
         "`vs same-bytes read` = time of a torch sum over a contiguous buffer of the kernel's byte count / "

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseinfer import ops
+from sparseinfer.engine.hugepages import to_hugepages
 from sparseinfer.sparsity.predictor import default_rank
 
 # The paper matches parameters across variants with m(non-gated) ≈ 1.5 m(gated) (8192 vs 5376 at d 2048).
@@ -90,7 +91,17 @@ def build_layer(shape: str, dtype: torch.dtype, seed: int) -> Layer:
     w_in = (u @ v).to(dtype)  # (m, d): rank r, so the predictor is exact
     w_up = (torch.randn(m, d, generator=gen) / d**0.5).to(dtype) if spec["gated"] else None
     w_out_t = (torch.randn(m, d, generator=gen) / m**0.5).to(dtype)  # (m, d)
-    return Layer(w_in, w_up, w_out_t, w_out_t.t().contiguous(), v.to(dtype), u.to(dtype), spec["activation"])
+    # Every weight, the dense baseline's too, in huge pages as the engine places them (engine.hugepages).
+    hp = to_hugepages
+    return Layer(
+        hp(w_in),
+        hp(w_up) if w_up is not None else None,
+        hp(w_out_t),
+        hp(w_out_t.t().contiguous()),
+        hp(v.to(dtype)),
+        hp(u.to(dtype)),
+        spec["activation"],
+    )
 
 
 def _act(z: torch.Tensor, activation: str) -> torch.Tensor:
@@ -113,7 +124,7 @@ def dense_ffn_rows(layer: Layer, x: torch.Tensor) -> torch.Tensor:
 
 def measure_bandwidth(repeats: int = 5, gib: float = 1.0) -> float:
     """Bytes/s of a multi-threaded fp32 sum over a buffer far larger than caches (read-only, like the FFN)."""
-    buf = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+    buf = to_hugepages(torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32))  # as the weights are
     buf.sum()
     times = []
     for _ in range(repeats):

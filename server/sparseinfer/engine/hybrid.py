@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseinfer import ops
+from sparseinfer.engine.hugepages import to_hugepages
 from sparseinfer.model.ffn import activation_fn
 
 # Union density above which a layer runs the dense GEMMs instead of the sparse kernels, per weight dtype
@@ -73,9 +74,11 @@ def make_tier(
 ) -> Tier:
     """Copy rows ``ids`` of a layer's weights into a contiguous shard on ``device``.
 
-    w_in / w_up: (m, d) gate_proj / up_proj weights; w_out: (d, m) down_proj weight. A shard of every neuron,
-    in order, on the weights' own device reuses w_in / w_up / w_out as they are (no copy: a memory-mapped
-    checkpoint stays mapped); only W_out^T is always a new tensor.
+    w_in / w_up: (m, d) gate_proj / up_proj weights; w_out: (d, m) down_proj weight. A CPU shard lives in
+    huge pages (``hugepages``: the sparse kernel's scattered row reads need them to approach memory
+    bandwidth). Where that is off, a shard of every neuron, in order, on the weights' own device reuses
+    w_in / w_up / w_out as they are (no copy: a memory-mapped checkpoint stays mapped); W_out^T is always a
+    new tensor.
     """
     ids = ids.to("cpu", torch.long)
     m = w_in.shape[0]
@@ -83,12 +86,16 @@ def make_tier(
 
     def shard(w: torch.Tensor) -> torch.Tensor:
         if whole and w.is_contiguous():
-            return w
-        return w.index_select(0, ids.to(w.device)).to(device).contiguous()  # (m_t, d)
+            return to_hugepages(w)
+        return to_hugepages(w.index_select(0, ids.to(w.device)).to(device).contiguous())  # (m_t, d)
 
-    w_out_t = w_out.t().index_select(0, ids.to(w_out.device)).to(device).contiguous()  # (m_t, d)
+    w_out_t = to_hugepages(
+        w_out.t().index_select(0, ids.to(w_out.device)).to(device).contiguous()
+    )  # (m_t, d)
     if device.type == "cpu" and w_out.dtype != torch.float32:
-        dense_out = w_out if whole and w_out.is_contiguous() else w_out_t.t().contiguous()  # (d, m_t)
+        dense_out = to_hugepages(
+            w_out if whole and w_out.is_contiguous() else w_out_t.t().contiguous()
+        )  # (d, m_t)
     else:
         dense_out = w_out_t.t()  # (d, m_t) view: fp32 BLAS and cuBLAS take either layout at full speed
     norms = torch.linalg.vector_norm(w_out_t.float(), dim=1)  # (m_t,)

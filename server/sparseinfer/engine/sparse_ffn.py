@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseinfer import ops
+from sparseinfer.engine.hugepages import to_hugepages
 from sparseinfer.engine.hybrid import DEFAULT_CROSSOVER, TieredFFN
 
 # Per batch row, per layer: neurons computed, of those hot, the row's union over its tokens, truly active,
@@ -65,8 +66,9 @@ class LayerPredictor:
         return sum(t.numel() for t in (self.w1, self.b1, self.w2, self.b2))
 
     def to(self, device: torch.device, dtype: torch.dtype) -> LayerPredictor:
-        """A copy on ``device`` in ``dtype`` (the model's: a bf16 model reads half the predictor bytes)."""
-        w = (t.to(device, dtype).contiguous() for t in (self.w1, self.b1, self.w2, self.b2))
+        """A copy on ``device`` in ``dtype`` (the model's: a bf16 model reads half the predictor bytes), in
+        huge pages on the CPU."""
+        w = (to_hugepages(t.to(device, dtype).contiguous()) for t in (self.w1, self.b1, self.w2, self.b2))
         return LayerPredictor(*w, self.score_threshold, self.hidden_activation)
 
 

@@ -1,0 +1,56 @@
+"""CPU weights in transparent huge pages (2 MiB instead of 4 KiB).
+
+The sparse FFN reads one 8 KB row per active neuron from scattered places in a layer's weights. On 4 KiB
+pages nearly every such row needs new TLB entries (a 7B layer's ~270 MB spans 66,000 pages; the TLB covers a
+few MB), and the page walks hold back the reads. Copied into memory advised ``MADV_HUGEPAGE`` the same rows
+sit on a few hundred 2 MiB pages. Measured on the 2-core development VM (LLaMA-7B gated FFN, 90% sparsity,
+bf16, batch 1, cold caches): ``sparse_ffn`` took 1.32 ms on 4 KiB pages and 1.03 ms on huge pages (medians
+of 31 interleaved calls). ``sparseinfer bench kernels`` places the dense and the sparse weights alike this
+way.
+
+Linux only (elsewhere, or with ``/sys/kernel/mm/transparent_hugepage/enabled`` at ``never``, tensors are
+left as they are). ``SPARSEINFER_HUGEPAGES=0`` turns it off: the copy costs resident memory where the
+weights were a memory-mapped checkpoint (whose pages the kernel can then drop, but only under pressure).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import torch
+
+HUGE_PAGE = 2 << 20
+_THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def enabled() -> bool:
+    """Whether ``to_hugepages`` copies: the platform has MADV_HUGEPAGE, THP is not off, and the user has not
+    set SPARSEINFER_HUGEPAGES=0."""
+    if os.environ.get("SPARSEINFER_HUGEPAGES", "1").strip() == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        return "[never]" not in _THP_MODE.read_text()
+    except OSError:
+        return False
+
+
+def to_hugepages(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of CPU tensor ``t`` in huge-page-advised memory (2 MiB aligned), or ``t`` itself
+    where that does not apply: not on the CPU, smaller than one huge page, or ``enabled()`` is false.
+
+    The copy lives in an anonymous mapping that the returned tensor keeps alive; it is freed with the tensor.
+    """
+    nbytes = t.numel() * t.element_size()
+    if t.device.type != "cpu" or nbytes < HUGE_PAGE or not enabled():
+        return t
+    # Over-allocate by one huge page so the data can start on a 2 MiB boundary: the kernel backs only
+    # aligned 2 MiB extents with huge pages.
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # holds `region` alive
+    start = -raw.data_ptr() % HUGE_PAGE
+    out = raw[start : start + nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
