@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from sparseinfer.bench.serve import format_table, load_configs
+from sparseinfer.bench.serve import BASELINE_ROUNDS, SCALING_PAIRS, format_table, load_configs
 from sparseinfer.bench.serve_load import LoadConfig, RequestRecord, percentile, run_load, summarise
 from sparseinfer_client import NO_RETRY, AsyncClient
 
@@ -126,8 +126,16 @@ def test_bench_serve_end_to_end(tiny_random_checkpoint, tmp_path, capsys):
     assert [(r["concurrency"], r["requests"], r["succeeded"]) for r in rows] == [(1, 16, 16), (16, 16, 16)]
     assert all(r["output_tokens_per_s"] > 0 and r["mean_computed_share"] == 1.0 for r in rows)
     base = result["meta"]["engine_baseline"]
-    assert base["rounds"] == 7 and base["engine_per_token_s"] > 0 and base["server_per_token_s"] > 0
-    assert "scaling_16_vs_1" in result["meta"]
+    assert (
+        base["rounds"] == BASELINE_ROUNDS
+        and base["engine_per_token_s"] > 0
+        and base["server_per_token_s"] > 0
+    )
+    q1, q3 = base["overhead_quartiles"]
+    assert q1 <= base["overhead"] <= q3
+    pairs = result["meta"]["scaling_pairs"]
+    assert len(pairs["ratios"]) == pairs["pairs"] == SCALING_PAIRS and all(r > 0 for r in pairs["ratios"])
+    assert result["meta"]["scaling_16_vs_1"] == pytest.approx(sorted(pairs["ratios"])[SCALING_PAIRS // 2])
     table = (tmp_path / "serve.md").read_text()
     assert "| closed, concurrency 16 | 16 / 16 |" in table and "the server adds" in table
     assert table in capsys.readouterr().out

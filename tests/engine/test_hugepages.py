@@ -1,4 +1,4 @@
-"""engine.hugepages: the copy is exact, aligned, freed with its tensor, and skipped where it does not apply."""
+"""engine.hugepages: the copy is exact, aligned, freed with its tensor, skipped where it does not apply."""
 
 import pytest
 import torch

@@ -245,7 +245,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"greedy. Median decode tokens/s over {c['rounds']} rounds (both modes in every round, alternating "
         "order; the machine is shared).",
         "",
-        "| mode | decode tok/s | speed-up | computed neurons | FFN bytes read | weight bytes / step | weight GB/s |",
+        "| mode | decode tok/s | speed-up | computed neurons | FFN bytes read | weight bytes / step "
+        "| weight GB/s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     base = rows[0]["decode_tokens_per_s"]
