@@ -48,12 +48,12 @@ INVALID = [
     (req(text="x" * 200, max_new_tokens=100), "stopping.max_new_tokens"),  # prompt + new > context
     (req(temperature=-0.1), "sampling.temperature"),
     (req(temperature=math.nan), "sampling.temperature"),
-    (req(temperature=1e-150), "sampling.temperature"),  # would overflow the logits to inf
     (req(top_p=0.0), "sampling.top_p"),
     (req(top_p=1.5), "sampling.top_p"),
     (req(top_k=-1), "sampling.top_k"),
     (req(repetition_penalty=0.0), "sampling.repetition_penalty"),
-    (req(repetition_penalty=1e-300), "sampling.repetition_penalty"),
+    (req(repetition_penalty=-2.0), "sampling.repetition_penalty"),
+    (req(repetition_penalty=math.inf), "sampling.repetition_penalty"),
     (req(stop=["a"] * 9), "stopping.stop_sequences"),
     (req(stop=["x" * 65]), "stopping.stop_sequences[0]"),
     (req(stop=["ok", ""]), "stopping.stop_sequences[1]"),
@@ -79,6 +79,22 @@ def _forward_logprobs(model, ids, new_ids):
     with torch.inference_mode():
         logits = model(torch.tensor([list(ids) + list(new_ids)]))[0, len(ids) - 1 : -1].float()  # (n, V)
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(new_ids)[:, None])[:, 0].tolist()
+
+
+def test_extreme_but_valid_sampling_values_are_served(stub):
+    """A positive temperature or penalty however small is valid: the sampler keeps such rows finite (a
+    vanishing temperature is argmax, so it must give the greedy tokens)."""
+    greedy = stub.Generate(
+        req(text="The quick brown fox", max_new_tokens=8, ignore_eos=True, temperature=0.0)
+    )
+    tiny = stub.Generate(
+        req(text="The quick brown fox", max_new_tokens=8, ignore_eos=True, temperature=1e-150)
+    )
+    assert tiny.text == greedy.text and tiny.usage.generated_tokens == 8
+    crushed = stub.Generate(
+        req(text="The quick brown fox", max_new_tokens=8, ignore_eos=True, repetition_penalty=1e-300, seed=3)
+    )
+    assert crushed.usage.generated_tokens == 8
 
 
 @pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 1.0, "seed": 17}])
