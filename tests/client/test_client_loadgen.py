@@ -132,7 +132,7 @@ def test_bench_serve_end_to_end(tiny_random_checkpoint, tmp_path, capsys):
         and base["server_per_token_s"] > 0
     )
     q1, q3 = base["overhead_quartiles"]
-    assert q1 <= base["overhead"] <= q3
+    assert q1 <= base["overhead"] <= q3 and base["client_cpu_per_token_s"] > 0
     pairs = result["meta"]["scaling_pairs"]
     assert len(pairs["ratios"]) == pairs["pairs"] == SCALING_PAIRS and all(r > 0 for r in pairs["ratios"])
     assert result["meta"]["scaling_16_vs_1"] == pytest.approx(sorted(pairs["ratios"])[SCALING_PAIRS // 2])

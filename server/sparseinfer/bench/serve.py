@@ -246,6 +246,13 @@ def format_table(result: dict[str, Any]) -> str:
             f"{base['rounds']} interleaved rounds; the median of the rounds' paired ratios: the server adds "
             f"{base['overhead']:+.1%} (target ≤ +10%; quartiles {q1:+.1%} / {q3:+.1%}).",
         ]
+        if "client_cpu_per_token_s" in base:
+            lines.append(
+                "The load generator ran on the same machine and used "
+                f"{base['client_cpu_per_token_s'] * 1000:.2f} ms of CPU per streamed token (its event loop "
+                "and gRPC threads), CPU the server and the engine "
+                "alone did not have to share in the baseline."
+            )
     if meta.get("note"):
         lines += ["", meta["note"]]
     return "\n".join(lines) + "\n"

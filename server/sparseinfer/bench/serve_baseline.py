@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -120,18 +121,28 @@ class EngineProcess:
         self.proc.wait(timeout=60)
 
 
+def _process_cpu_s() -> float:
+    """CPU seconds (user + system) this process has used, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def interleaved(client: Any, engine: EngineProcess, config: LoadConfig, rounds: int) -> dict[str, Any]:
     """Engine alone and one request through the server, alternating, ``rounds`` times each: the machine may
     be shared, and a noisy neighbour then slows both alike. Medians of time per token after the first."""
     one = replace(config, mode="closed", concurrency=1, requests=1, warmup=0)
     engine_s, server_s = [], []
+    client_cpu_s, client_tokens = 0.0, 0
     for _ in range(rounds):
         engine_s.append(await asyncio.to_thread(engine.once))  # loop stays free (see docstring)
+        cpu0 = _process_cpu_s()
         records, _ = await run_load(client, one)
+        client_cpu_s += _process_cpu_s() - cpu0
         tpot = records[0].time_per_output_token
         if records[0].error is not None or tpot is None:
             raise RuntimeError(f"baseline request failed: {records[0].error}")
         server_s.append(tpot)
+        client_tokens += records[0].tokens
     engine_median, server_median = statistics.median(engine_s), statistics.median(server_s)
     # Each round's pair ran back to back, so its ratio sees one state of a shared machine (per-round times
     # swung 3.6-6.4 ms here while the pairs' ratios stayed far closer): the median ratio is the estimate.
@@ -143,6 +154,9 @@ async def interleaved(client: Any, engine: EngineProcess, config: LoadConfig, ro
         "server_per_token_s": server_median,
         "overhead": statistics.median(ratios) - 1.0,
         "overhead_quartiles": [q1 - 1.0, q3 - 1.0],
+        # CPU the load generator itself (this process: asyncio loop and gRPC threads) spent per streamed token
+        # during the server rounds: on a small machine it competes with the server for the same cores.
+        "client_cpu_per_token_s": client_cpu_s / max(1, client_tokens),
         "engine_rounds_s": engine_s,
         "server_rounds_s": server_s,
     }
