@@ -32,12 +32,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
 
 from sparseinfer.engine.sampling import SamplingParams
 from sparseinfer.engine.sequence import GenerationEvent
 from sparseinfer.engine.sequence import Sequence as EngineSequence
 from sparseinfer.serving.config import Limits
+from sparseinfer.serving.engine_thread import EngineThread
 from sparseinfer.serving.requests import (
     BatchRequest,
     Completion,
@@ -130,6 +133,11 @@ class _Entry:
         self.t_admit = self.t_prefilled = self.t_first = self.t_last = 0.0
 
 
+def _log_crash(done: Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("the engine loop crashed", exc_info=done.exception())
+
+
 _WAKE = object()
 _STOP = object()
 
@@ -137,7 +145,14 @@ _STOP = object()
 class Batcher:
     """Continuous batching of ``engine`` under ``limits``; ``start()`` the engine thread before submitting."""
 
-    def __init__(self, engine: Engine, limits: Limits, observer: Observer | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        limits: Limits,
+        observer: Observer | None = None,
+        thread: EngineThread | None = None,
+    ) -> None:
+        """``thread``: where the loop runs; pass the one that loaded the model (see ``engine_thread``)."""
         limits.validate()
         self.engine = engine
         self.limits = limits
@@ -146,7 +161,9 @@ class Batcher:
         self._lock = threading.Lock()
         self._accepting = True
         self._queued = 0  # accepted, not yet prefilled (guarded by _lock)
-        self._thread = threading.Thread(target=self._run, name="sparseinfer-engine", daemon=True)
+        self._owns_thread = thread is None
+        self._thread = thread if thread is not None else EngineThread()
+        self._loop_done: Future[None] | None = None
         self._stop_at: float | None = None
         # Engine-thread state.
         self._waiting: deque[_Entry] = deque()
@@ -157,7 +174,8 @@ class Batcher:
     # ---- asyncio side --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop_done = self._thread.submit(self._run)
+        self._loop_done.add_done_callback(_log_crash)
 
     @property
     def queued(self) -> int:
@@ -206,9 +224,12 @@ class Batcher:
         """Stop accepting, let running and queued requests finish for up to ``grace`` seconds, fail the
         rest with UNAVAILABLE, and join the engine thread."""
         self.stop_accepting()
-        if self._thread.is_alive():
+        if self._loop_done is not None and not self._loop_done.done():
             self._inbox.put((_STOP, grace))
-            self._thread.join(timeout)
+            with contextlib.suppress(FutureTimeout):
+                self._loop_done.exception(timeout)  # waits; a crash was logged already
+        if self._owns_thread:
+            self._thread.stop(timeout)
 
     def _wake(self) -> None:
         self._inbox.put(_WAKE)

@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from sparseinfer.serving.auth import BearerTokenInterceptor
 from sparseinfer.serving.batcher import Batcher
 from sparseinfer.serving.config import MAX_RECEIVE_MESSAGE_BYTES, MAX_SEND_MESSAGE_BYTES, ServeConfig
+from sparseinfer.serving.engine_thread import EngineThread
 from sparseinfer.serving.metrics import ServerMetrics
 from sparseinfer.serving.model_setup import Served, load_served
 from sparseinfer.serving.servicer import SparseInferServicer
@@ -60,9 +61,18 @@ class AsyncServer:
     def __init__(self, config: ServeConfig, served: Served | None = None) -> None:
         config.validate()
         self.config = config
-        self.served = served if served is not None else load_served(config)
+        # Loading and decoding share one thread (see engine_thread): a second thread's torch work would
+        # slow every parallel op of a decode step.
+        self.engine_thread = EngineThread()
+        try:
+            self.served = (
+                served if served is not None else self.engine_thread.call(lambda: load_served(config))
+            )
+        except BaseException:
+            self.engine_thread.stop()
+            raise
         self.metrics = ServerMetrics()
-        self.batcher = Batcher(self.served.generator, config.limits, self.metrics)
+        self.batcher = Batcher(self.served.generator, config.limits, self.metrics, self.engine_thread)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
@@ -119,6 +129,7 @@ class AsyncServer:
         await self.health.enter_graceful_shutdown()
         self.batcher.stop_accepting()
         await asyncio.to_thread(self.batcher.close, grace)
+        self.engine_thread.stop()
         if self._server is not None:
             # Every ticket has ended by now; a short grace lets handlers send their final messages.
             await self._server.stop(1.0)
@@ -191,6 +202,7 @@ def start_server(config: ServeConfig, served: Served | None = None) -> ServerHan
     if failure:
         thread.join()
         server.batcher.close()
+        server.engine_thread.stop()
         raise failure[0]
     return ServerHandle(server, loop, thread)
 
