@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sparseinfer.bench.machine import cpu_model
-from sparseinfer.bench.serve_baseline import EngineProcess, interleaved
+from sparseinfer.bench.serve_baseline import PER_ROUND, EngineProcess, interleaved
 from sparseinfer.bench.serve_load import LoadConfig, run_load, summarise
 
 # Engine-alone vs one-request-through-the-server pairs: enough that the median ratio is steady on a noisy
@@ -243,7 +243,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"Time per output token, one request at a time: {server_ms:.2f} ms through the server",
             f"(client-side, after the first token) vs {engine_ms:.2f} ms for the engine alone in its own",
             "process (same prompt, tokens and KV-cache size, one request at a time), medians of "
-            f"{base['rounds']} interleaved rounds; the median of the rounds' paired ratios: the server adds "
+            f"{base['rounds']} interleaved rounds (each side {PER_ROUND} generations a round, the first a "
+            "warm-up); the median of the rounds' paired ratios: the server adds "
             f"{base['overhead']:+.1%} (target ≤ +10%; quartiles {q1:+.1%} / {q3:+.1%}).",
         ]
         if "client_cpu_per_token_s" in base:

@@ -1,5 +1,5 @@
 """The engine-alone side of ``sparseinfer bench serve --engine-baseline``: the same generation as the load
-test's requests, on the engine without the server, in its own process, alternated with single requests
+test's requests, on the engine without the server, in its own process, alternated with one-at-a-time requests
 through the server so both see the same machine (it may be shared: a noisy neighbour then slows both alike).
 The ratio of their times per output token is the server's overhead.
 
@@ -139,22 +139,30 @@ def _process_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+# Generations per side and round; the first of each is a warm-up: it follows the other side's turn, with
+# caches holding the other process's data and idle worker threads asleep.
+PER_ROUND = 3
+
+
 async def interleaved(client: Any, engine: EngineProcess, config: LoadConfig, rounds: int) -> dict[str, Any]:
-    """Engine alone and one request through the server, alternating, ``rounds`` times each: the machine may
-    be shared, and a noisy neighbour then slows both alike. Medians of time per token after the first."""
-    one = replace(config, mode="closed", concurrency=1, requests=1, warmup=0)
+    """Engine alone and requests through the server, alternating ``rounds`` times: the machine may be shared,
+    and a noisy neighbour then slows both alike. In each round each side runs PER_ROUND generations back to
+    back and counts all but the first (its time per token after the first token, median)."""
+    warm = replace(config, mode="closed", concurrency=1, requests=PER_ROUND, warmup=0)
     engine_s, server_s = [], []
     client_cpu_s, client_tokens = 0.0, 0
     for _ in range(rounds):
-        engine_s.append(await asyncio.to_thread(engine.once))  # loop stays free (see docstring)
+        engine_runs = [await asyncio.to_thread(engine.once) for _ in range(PER_ROUND)]  # loop stays free
+        engine_s.append(statistics.median(engine_runs[1:]))
         cpu0 = _process_cpu_s()
-        records, _ = await run_load(client, one)
+        records, _ = await run_load(client, warm)
         client_cpu_s += _process_cpu_s() - cpu0
-        tpot = records[0].time_per_output_token
-        if records[0].error is not None or tpot is None:
-            raise RuntimeError(f"baseline request failed: {records[0].error}")
-        server_s.append(tpot)
-        client_tokens += records[0].tokens
+        tpots = [r.time_per_output_token for r in records[1:]]
+        failed = [r.error for r in records if r.error is not None]
+        if failed or any(t is None for t in tpots):
+            raise RuntimeError(f"baseline request failed: {failed}")
+        server_s.append(statistics.median(t for t in tpots if t is not None))
+        client_tokens += sum(r.tokens for r in records)
     engine_median, server_median = statistics.median(engine_s), statistics.median(server_s)
     # Each round's pair ran back to back, so its ratio sees one state of a shared machine (per-round times
     # swung 3.6-6.4 ms here while the pairs' ratios stayed far closer): the median ratio is the estimate.
