@@ -39,40 +39,31 @@ class EngineBaseline:
         max_seq: int,
         dtype: str | None = None,
     ) -> None:
-        # The server loads its model and decodes on one engine thread (serving.engine_thread: torch work on
-        # two threads makes every parallel op slower); so does this baseline, on a worker thread of its own.
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-baseline")
-        self._worker.submit(
-            self._build, model_path, prompt, max_new_tokens, sparsity, max_batch, max_seq, dtype
-        ).result()
-        self.once()  # warm-up: first-call allocations and caches
-
-    def _build(
-        self,
-        model_path: Path,
-        prompt: str,
-        max_new_tokens: int,
-        sparsity: str | None,
-        max_batch: int,
-        max_seq: int,
-        dtype: str | None,
-    ) -> None:
         from sparseinfer.engine.generate import Generator
         from sparseinfer.engine.sampling import SamplingParams
         from sparseinfer.model import load_model, load_tokenizer
         from sparseinfer.model.config import DTYPES
 
-        tokenizer = load_tokenizer(model_path)
-        model = load_model(model_path, dtype=DTYPES[dtype] if dtype is not None else None)
-        self.ids = tokenizer.encode(prompt)
-        runtime = None
-        if sparsity not in (None, "dense"):
-            from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
+        def build() -> None:
+            tokenizer = load_tokenizer(model_path)
+            model = load_model(model_path, dtype=DTYPES[dtype] if dtype is not None else None)
+            self.ids = tokenizer.encode(prompt)
+            runtime = None
+            if sparsity not in (None, "dense"):
+                from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
 
-            config = SparsityConfig(mode=sparsity)
-            runtime = SparseRuntime.from_checkpoint(model, model_path, config, max_batch, max_seq)
-        self.generator = Generator(model, tokenizer, max_batch=max_batch, max_seq=max_seq, sparsity=runtime)
-        self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+                config = SparsityConfig(mode=sparsity)
+                runtime = SparseRuntime.from_checkpoint(model, model_path, config, max_batch, max_seq)
+            self.generator = Generator(
+                model, tokenizer, max_batch=max_batch, max_seq=max_seq, sparsity=runtime
+            )
+            self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+
+        # The server loads its model and decodes on one engine thread (serving.engine_thread: torch work on
+        # two threads makes every parallel op slower); so does this baseline, on a worker thread of its own.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-baseline")
+        self._worker.submit(build).result()
+        self.once()  # warm-up: first-call allocations and caches
 
     def _generate(self) -> float:
         stats = self.generator.generate(self.ids, self.params).stats
