@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from sparseinfer import ops
 from sparseinfer.engine.hugepages import to_hugepages
 from sparseinfer.model.ffn import activation_fn
+from sparseinfer.model.linear import linear
 
 # Union density above which a layer runs the dense GEMMs instead of the sparse kernels, per weight dtype
 # (``SparsityConfig.crossover`` overrides it; set what the deployment's own machine measures). Measured on the
@@ -135,9 +136,9 @@ class TieredFFN:
 
     def activations(self, x: torch.Tensor, tier: Tier) -> torch.Tensor:
         """Dense h of one tier's neurons: x (N, d) on the tier's device -> (N, m_t), in x's dtype."""
-        h = self.act(F.linear(x, tier.w_in))  # (N, m_t)
+        h = self.act(linear(x, tier.w_in))  # (N, m_t)
         if tier.w_up is not None:
-            up = F.linear(x, tier.w_up)  # (N, m_t)
+            up = linear(x, tier.w_up)  # (N, m_t)
             h = h * (F.relu(up) if self.activation == "drelu" else up)
         return h
 
@@ -166,7 +167,7 @@ class TieredFFN:
             h = self.activations(xt, t)  # (N, m_t)
             if keep is not None:
                 h = h * keep.to(h.dtype)
-            parts.append(F.linear(h, t.w_out))  # (N, d) on the tier's device
+            parts.append(linear(h, t.w_out))  # (N, d) on the tier's device
         return self._sum(parts)
 
     def _sum(self, parts: list[torch.Tensor]) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseinfer.model.config import ModelConfig
+from sparseinfer.model.linear import Linear
 
 
 def activation_fn(name: str, threshold: float = 0.0) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -43,9 +44,9 @@ class FFN(nn.Module):
         d, m, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.gated = config.ffn_gated
         self.activation = config.activation
-        self.gate_proj = nn.Linear(d, m, bias=bias)  # W_gate (gated) or W_in (non-gated)
-        self.up_proj = nn.Linear(d, m, bias=bias) if self.gated else None
-        self.down_proj = nn.Linear(m, d, bias=bias)  # W_out, weight (d, m)
+        self.gate_proj = Linear(d, m, bias=bias)  # W_gate (gated) or W_in (non-gated)
+        self.up_proj = Linear(d, m, bias=bias) if self.gated else None
+        self.down_proj = Linear(m, d, bias=bias)  # W_out, weight (d, m)
         self.act = activation_fn(config.activation, config.activation_threshold)
 
     def neuron_activations(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from torch import nn
 from sparseinfer import ops
 from sparseinfer.model.config import ModelConfig
 from sparseinfer.model.ffn import FFN
+from sparseinfer.model.linear import Linear
 from sparseinfer.model.rope import apply_rope, inverse_frequencies, rope_tables
 
 if TYPE_CHECKING:  # the engine package imports the model; importing it back only for types avoids a cycle
@@ -75,10 +76,10 @@ class Attention(nn.Module):
         super().__init__()
         d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
-        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=bias)
+        self.q_proj = Linear(d, self.num_heads * hd, bias=bias)
+        self.k_proj = Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = Linear(self.num_heads * hd, d, bias=bias)
 
     def forward(
         self,
@@ -140,7 +141,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._cos: torch.Tensor | None = None  # (P, hd) in the model dtype, grown on demand

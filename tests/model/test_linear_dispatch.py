@@ -1,0 +1,50 @@
+"""model.linear: half-precision CPU projections through the row kernels, everything else through F.linear."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparseinfer.model import linear as lin
+
+
+@pytest.mark.parametrize("choice", ["rows", "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_fp32_reference(monkeypatch, choice, dtype):
+    monkeypatch.setenv("SPARSEINFER_DENSE_LINEAR", choice)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 77, generator=gen).to(dtype)
+    w = (torch.randn(41, 77, generator=gen) / 77**0.5).to(dtype)
+    b = torch.randn(41, generator=gen).to(dtype)
+    got = lin.linear(x, w, b)
+    want = F.linear(x.float(), w.float(), b.float())
+    assert got.shape == (3, 5, 41) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_rows_path_is_taken_and_batch_independent(monkeypatch):
+    monkeypatch.setenv("SPARSEINFER_DENSE_LINEAR", "rows")
+    calls = []
+    real = lin.ops.linear
+    monkeypatch.setattr(lin.ops, "linear", lambda *a: calls.append(1) or real(*a))
+    x, w = torch.randn(9, 64).bfloat16(), torch.randn(30, 64).bfloat16()
+    batch = lin.linear(x, w)
+    assert calls and all(torch.equal(batch[i : i + 1], lin.linear(x[i : i + 1], w)) for i in range(9))
+
+
+def test_fp32_and_autograd_stay_on_torch(monkeypatch):
+    monkeypatch.setenv("SPARSEINFER_DENSE_LINEAR", "rows")
+    monkeypatch.setattr(lin.ops, "linear", lambda *a: pytest.fail("row kernels used"))
+    lin.linear(torch.randn(2, 8), torch.randn(4, 8))  # fp32
+    layer = lin.Linear(8, 4).bfloat16()  # parameters require grad: training must get gradients
+    layer(torch.randn(2, 8).bfloat16()).float().sum().backward()
+    assert layer.weight.grad is not None
+
+
+def test_module_keeps_nn_linear_parameters():
+    assert set(lin.Linear(8, 4).state_dict()) == set(torch.nn.Linear(8, 4).state_dict()) == {"weight", "bias"}
+
+
+def test_rejects_unknown_choice(monkeypatch):
+    monkeypatch.setenv("SPARSEINFER_DENSE_LINEAR", "fast")
+    with pytest.raises(ValueError, match="SPARSEINFER_DENSE_LINEAR"):
+        lin.linear(torch.randn(1, 8).bfloat16(), torch.randn(4, 8).bfloat16())
