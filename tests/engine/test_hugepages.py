@@ -36,3 +36,26 @@ def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv("SPARSEINFER_HUGEPAGES", "0")
     t = torch.randn(700, 1500)
     assert not hugepages.enabled() and to_hugepages(t) is t
+
+
+@needs_thp
+def test_cpu_tiers_and_predictors_live_in_huge_pages():
+    from sparseinfer.engine.hybrid import make_tier
+    from sparseinfer.engine.sparse_ffn import LayerPredictor
+
+    m, d = 2048, 768  # 3 MiB per bf16 matrix
+    w_in, w_up = torch.randn(m, d).bfloat16(), torch.randn(m, d).bfloat16()
+    w_out = torch.randn(d, m).bfloat16()
+    tier = make_tier(w_in, w_up, w_out, torch.arange(m), torch.device("cpu"), hot=False)
+    for t in (tier.w_in, tier.w_up, tier.w_out_t, tier.w_out):
+        assert t.data_ptr() % HUGE_PAGE == 0
+    assert (
+        torch.equal(tier.w_in, w_in)
+        and torch.equal(tier.w_out_t, w_out.t())
+        and torch.equal(tier.w_out, w_out)
+    )
+    pred = LayerPredictor(
+        torch.randn(1500, d), torch.zeros(1500), torch.randn(m, 1500), torch.zeros(m), 0.5, None
+    )
+    moved = pred.to(torch.device("cpu"), torch.bfloat16)
+    assert moved.w1.data_ptr() % HUGE_PAGE == 0 and moved.w2.data_ptr() % HUGE_PAGE == 0
