@@ -31,10 +31,10 @@ from typing import Any, TextIO
 
 from sparseinfer.bench.machine import cpu_model
 from sparseinfer.bench.serve_baseline import PER_ROUND, EngineProcess, interleaved
-from sparseinfer.bench.serve_load import LoadConfig, run_load, summarise
+from sparseinfer.bench.serve_load import LoadConfig, percentile, run_load, summarise
 
-# Engine-alone vs one-request-through-the-server pairs: enough that the median ratio is steady on a noisy
-# machine (seven rounds gave -10% to +16% for the same code).
+# Rounds of engine alone vs through the server: enough that the median of their paired ratios is steady on
+# a noisy machine (seven single-request rounds gave -10% to +16% for the same code).
 BASELINE_ROUNDS = 21
 # Pairs of (1 client, 16 clients) runs behind the scaling figure.
 SCALING_PAIRS = 5
@@ -149,11 +149,10 @@ async def _paired_scaling(client: Any, configs: Sequence[LoadConfig]) -> dict[st
             records, wall = await run_load(client, run)
             rates.append(summarise(records, wall, run)["output_tokens_per_s"])
         ratios.append(rates[1] / rates[0])
-    q1, _, q3 = statistics.quantiles(ratios, n=4)
     return {
         "pairs": SCALING_PAIRS,
         "median": statistics.median(ratios),
-        "quartiles": [q1, q3],
+        "quartiles": [percentile(ratios, 25), percentile(ratios, 75)],
         "ratios": ratios,
     }
 

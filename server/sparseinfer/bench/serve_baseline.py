@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sparseinfer.bench.serve_load import LoadConfig, run_load
+from sparseinfer.bench.serve_load import LoadConfig, percentile, run_load
 
 
 class EngineBaseline:
@@ -158,13 +158,12 @@ async def interleaved(client: Any, engine: EngineProcess, config: LoadConfig, ro
     # Each round's pair ran back to back, so its ratio sees one state of a shared machine (per-round times
     # swung 3.6-6.4 ms here while the pairs' ratios stayed far closer): the median ratio is the estimate.
     ratios = [s / e for s, e in zip(server_s, engine_s, strict=True)]
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
     return {
         "rounds": rounds,
         "engine_per_token_s": engine_median,
         "server_per_token_s": server_median,
         "overhead": statistics.median(ratios) - 1.0,
-        "overhead_quartiles": [q1 - 1.0, q3 - 1.0],
+        "overhead_quartiles": [percentile(ratios, 25) - 1.0, percentile(ratios, 75) - 1.0],
         # CPU the load generator itself (this process: asyncio loop and gRPC threads) spent per streamed token
         # during the server rounds: on a small machine it competes with the server for the same cores.
         "client_cpu_per_token_s": client_cpu_s / max(1, client_tokens),
