@@ -52,7 +52,7 @@ class _HistoryModel(torch.nn.Module):
     def row_logits(self, full: list[int]) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, tokens, cache=None, slots=None, last_only=False):
+    def forward(self, tokens, cache=None, slots=None, last_only=False, lengths=None):
         batch, steps = tokens.shape
         self.calls.append((batch, steps))
         rows = []
@@ -63,13 +63,14 @@ class _HistoryModel(torch.nn.Module):
                 slot, start = int(slots[b]), int(cache.lengths[slots[b]])
                 past = self.history.get(slot, [])[:start]
                 assert len(past) == start, "cache length claims positions that were never written"
-            new = tokens[b].tolist()
-            logits = [self.row_logits(past + new[: t + 1]) for t in range(steps)]
+            real = steps if lengths is None else int(lengths[b])  # right padding past ``real``
+            new = tokens[b].tolist()[:real]
+            logits = [self.row_logits(past + new[: t + 1]) for t in range(real)]
             if cache is not None:
                 self.history[slot] = past + new
             rows.append(torch.stack(logits[-1:] if last_only else logits))
         if cache is not None:
-            cache.lengths[slots] += steps
+            cache.lengths[slots] += steps if lengths is None else lengths
         return torch.stack(rows)  # (B, T or 1, V)
 
 

@@ -2,7 +2,8 @@
 
 The fake engine's token for (seed, position) is a fixed function, so the expected output of every request is
 known independently of the batcher; the fake also logs every prefill/decode call so scheduling properties
-(join/leave between steps, one prefill between decodes, slot freed within a step) can be checked directly.
+(join/leave between steps, one batched prefill between decodes, slot freed within a step) can be checked
+directly.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class FakeEngine:
         self.max_seq = max_seq
         self._free = list(range(slots))
         self.step_s = step_s
-        self.log: list[tuple[str, tuple]] = []  # ("prefill", (rid,)) / ("decode", (rid, ...))
+        self.log: list[tuple[str, tuple]] = []  # ("prefill", (rid, ...)) / ("decode", (rid, ...))
         self.released: list = []
         self.fail_prefill: set = set()
         self.fail_decode: set = set()  # rids whose decode raises inside the "forward"
@@ -69,17 +70,22 @@ class FakeEngine:
     def _token(self, seq):
         return expected_token(seq.params.seed, len(seq.output_ids))
 
-    def prefill(self, seq):
-        self.log.append(("prefill", (seq.request_id,)))
-        seq.slot = self._free.pop()
-        if seq.request_id in self.fail_prefill:
+    def prefill_batch(self, seqs):
+        """All or nothing, like the real engine: a failure leaves every slot free."""
+        self.log.append(("prefill", tuple(s.request_id for s in seqs)))
+        if any(s.request_id in self.fail_prefill for s in seqs):
             raise RuntimeError("injected prefill failure")
+        assert len(seqs) <= len(self._free)
         time.sleep(self.step_s)
-        seq.sparsity.record_step(len(seq.prompt_ids))
-        event = seq.append(self._token(seq))
-        if seq.finished:
-            self.release(seq)
-        return event
+        events = []
+        for seq in seqs:
+            seq.slot = self._free.pop()
+            seq.sparsity.record_step(len(seq.prompt_ids))
+            events.append(seq.append(self._token(seq)))
+        for seq in seqs:
+            if seq.finished:
+                self.release(seq)
+        return events
 
     def decode_step(self, seqs):
         self.log.append(("decode", tuple(s.request_id for s in seqs)))
@@ -152,7 +158,7 @@ def test_requests_join_and_leave_between_steps(make_batcher):
         sizes = [len(rids) for kind, rids in engine.log if kind == "decode"]
         assert max(sizes) == 4  # the shorts joined the running "long"
         assert sizes[-1] == 1  # ... and left before it finished
-        # At most one prefill between two decode steps while anything is running.
+        # At most one (batched) prefill between two decode steps while anything is running.
         kinds = [kind for kind, _ in engine.log]
         first_decode = kinds.index("decode")
         assert "prefill,prefill" not in ",".join(kinds[first_decode:])
@@ -300,5 +306,46 @@ def test_token_budget_holds_requests_back_in_order(make_batcher):
             assert tokens == [expected_token(i, p) for p in range(15)]
         assert max(len(rids) for kind, rids in engine.log if kind == "decode") == 1
         assert [rids[0] for kind, rids in engine.log if kind == "prefill"] == ["t0", "t1", "t2"]
+
+    asyncio.run(main())
+
+
+def test_a_burst_is_prefilled_together_within_the_prefill_token_cap(make_batcher):
+    async def main():
+        # Prompts of 5 tokens; at most 12 prefill tokens (padding included) -> two prompts per prefill.
+        engine = FakeEngine(step_s=0.005)
+        b, _ = make_batcher(engine, max_prefill_tokens=12)
+        # The blocker (8 tokens: too long to share a prefill under the cap) busies the engine while the
+        # burst arrives.
+        blocker = b.submit(request("blocker", n=1, seed=9, prompt="x" * 8))
+        tickets = [b.submit(request(f"r{i}", n=4, seed=i)) for i in range(4)]
+        results = await asyncio.gather(collect(blocker), *(collect(t) for t in tickets))
+        for i, (tokens, final) in enumerate(results[1:]):
+            assert tokens == [expected_token(i, p) for p in range(4)]
+            assert final.sparsity.tokens == 5 + 3
+        prefills = [rids for kind, rids in engine.log if kind == "prefill"]
+        assert [len(rids) for rids in prefills[1:]] == [2, 2]
+        assert [rid for rids in prefills for rid in rids] == ["blocker", "r0", "r1", "r2", "r3"]  # FIFO
+
+    asyncio.run(main())
+
+
+def test_a_failed_batched_prefill_is_retried_one_by_one(make_batcher):
+    async def main():
+        engine = FakeEngine(step_s=0.005)
+        b, _ = make_batcher(engine)
+        engine.fail_prefill.add("bad")
+        blocker = b.submit(request("blocker", n=1, seed=9))
+        tickets = [b.submit(request(rid, n=3, seed=i)) for i, rid in enumerate(("a", "bad", "c"))]
+        results = await asyncio.gather(collect(blocker), *(collect(t) for t in tickets), return_exceptions=True)
+        assert results[1][0] == [expected_token(0, p) for p in range(3)]
+        assert results[3][0] == [expected_token(2, p) for p in range(3)]
+        assert isinstance(results[2], ServingError) and results[2].kind is ErrorKind.INTERNAL
+        prefills = [rids for kind, rids in engine.log if kind == "prefill"]
+        failed_at = next(i for i, rids in enumerate(prefills) if "bad" in rids)
+        together = prefills[failed_at]
+        assert len(together) > 1 and {"a", "bad", "c"} <= set(together)
+        assert prefills[failed_at + 1 :] == [(rid,) for rid in together]  # then each alone, in order
+        assert engine.free_slots == 4
 
     asyncio.run(main())

@@ -75,14 +75,14 @@ def test_full_queue_answers_resource_exhausted_at_once(make_server):
 
 def test_engine_exception_fails_only_that_request(server):
     engine = server.batcher.engine
-    original = engine.prefill
+    original = engine.prefill_batch
 
-    def flaky(seq):
-        if seq.request_id == "boom":
+    def flaky(seqs):
+        if any(seq.request_id == "boom" for seq in seqs):
             raise RuntimeError("injected engine failure")
-        return original(seq)
+        return original(seqs)
 
-    engine.prefill = flaky
+    engine.prefill_batch = flaky
     try:
         with Client(server.address, retry=NO_RETRY) as c:
             results = {}
@@ -102,7 +102,7 @@ def test_engine_exception_fails_only_that_request(server):
             assert results["a"].usage.generated_tokens == results["b"].usage.generated_tokens == 20
             assert c.generate("after", max_new_tokens=3).usage.generated_tokens >= 1
     finally:
-        del engine.prefill
+        del engine.prefill_batch
     assert wait_until(lambda: idle(server))
 
 

@@ -84,7 +84,7 @@ def mode_forwards(model: Transformer, runtime: SparseRuntime, mode: str) -> Iter
 
     def end(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
         ctx, B, T = pending
-        runtime.end(ctx, [tally] * B, T)  # one tally for all rows: it sums them
+        runtime.end(ctx, [tally] * B, [T] * B)  # one tally for all rows: it sums them
 
     handles = [
         model.register_forward_pre_hook(begin, with_kwargs=True),

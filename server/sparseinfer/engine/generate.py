@@ -1,8 +1,8 @@
 """Autoregressive generation over a KV cache: a step-level core plus thin loops on top.
 
 The core is three calls a batcher can drive: ``start`` (validate + tokenize into a ``Sequence``),
-``prefill`` (run one prompt into its own cache slot and sample its first token) and ``decode_step``
-(one batched forward over any set of live sequences, each at its own length). Sequences give their slot
+``prefill`` (run prompts, each into its own cache slot, in one right-padded forward, and sample their first
+tokens) and ``decode_step`` (one batched forward over any set of live sequences, each at its own length). Sequences give their slot
 back as soon as they finish. ``generate_stream``, ``generate`` and ``generate_batch`` are loops over it.
 
 Context length: a request whose prompt plus ``max_new_tokens`` exceeds the generator's ``max_seq`` is
@@ -18,6 +18,7 @@ A ``Generator`` is not thread-safe: one thread (the CLI, or the server's batcher
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from sparseinfer.engine.accounting import SparsityTally
-from sparseinfer.engine.kv_cache import KVCache
+from sparseinfer.engine.kv_cache import CacheFullError, KVCache
 from sparseinfer.engine.modes import SparseRuntime, validate_mode
 from sparseinfer.engine.placement import neuron_bytes
 from sparseinfer.engine.sampling import SamplingParams, sample_batch_scored
@@ -127,48 +128,89 @@ class Generator:
         return mode
 
     def _forward(
-        self, seqs: SequenceABC[Sequence], tokens: torch.Tensor, slots: torch.Tensor
+        self,
+        seqs: SequenceABC[Sequence],
+        tokens: torch.Tensor,
+        slots: torch.Tensor,
+        lengths: list[int] | None = None,
     ) -> torch.Tensor:
-        """The model forward of one step, with each row's sparsity mode and the step's accounting."""
+        """The model forward of one step, with each row's sparsity mode and the step's accounting.
+
+        ``lengths``: each row's real tokens when ``tokens`` (B, T) is right-padded; None: all T are real.
+        Returns the logits after each row's last real token, (B, 1, V)."""
         T = tokens.shape[1]
+        padded = lengths is not None and min(lengths) < T
+        counts = lengths if lengths is not None else [T] * len(seqs)
+        row_lengths = torch.tensor(lengths) if padded else None
         if self.sparsity is None:
-            logits = self.model(tokens, cache=self.cache, slots=slots, last_only=True)  # (B, 1, V)
-            for seq in seqs:  # dense: every neuron of every layer, all on the model's device
-                seq.sparsity.record_step(T)
+            logits = self.model(tokens, cache=self.cache, slots=slots, last_only=True, lengths=row_lengths)
+            for seq, n in zip(seqs, counts, strict=True):  # dense: every neuron of every layer, model's device
+                seq.sparsity.record_step(n)
                 for li, m in enumerate(self._layer_neurons):
-                    seq.sparsity.record_layer(li, T, T * m, T * m, m)
+                    seq.sparsity.record_layer(li, n, n * m, n * m, m)
             return logits
-        ctx = self.sparsity.begin([s.sparsity.mode for s in seqs])
+        ctx = self.sparsity.begin([s.sparsity.mode for s in seqs], lengths if padded else None)
         try:
-            logits = self.model(tokens, cache=self.cache, slots=slots, last_only=True)  # (B, 1, V)
+            logits = self.model(tokens, cache=self.cache, slots=slots, last_only=True, lengths=row_lengths)
         except BaseException:
             self.sparsity.state.context = None
             raise
-        self.sparsity.end(ctx, [s.sparsity for s in seqs], T)
+        self.sparsity.end(ctx, [s.sparsity for s in seqs], counts)
         return logits
 
     @property
     def free_slots(self) -> int:
         return self.cache.num_free
 
-    @torch.inference_mode()
     def prefill(self, seq: Sequence) -> GenerationEvent:
         """Take a cache slot for ``seq``, run its whole prompt and sample its first token."""
-        if seq.slot is not None or seq.prefilled or seq.finished:
-            raise RuntimeError(f"sequence {seq.request_id!r} was already prefilled")
-        seq.slot = self.cache.allocate()
-        try:
-            tokens = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
-            slots = torch.tensor([seq.slot], dtype=torch.long, device=self.device)  # (1,)
-            logits = self._forward([seq], tokens, slots)  # (1, 1, V)
-            ((token, logprob),) = sample_batch_scored(logits[:, -1, :], [seq.sampler])
-            event = seq.append(token, logprob)
-        except BaseException:
-            self.release(seq)
-            raise
-        if seq.finished:
-            self.release(seq)
+        (event,) = self.prefill_batch([seq])
         return event
+
+    @torch.inference_mode()
+    def prefill_batch(self, seqs: SequenceABC[Sequence]) -> list[GenerationEvent]:
+        """Prefill several sequences in one forward: the prompts right-padded to the longest, each row into
+        its own cache slot; returns one first-token event per sequence.
+
+        Each row computes only its own tokens (the padding selects no sparse neuron and is not counted), so
+        a sequence's tokens and sparsity report are those it gets when prefilled alone. All or nothing: if
+        anything raises, every slot is released and every tally is as it was, so the caller may retry
+        the sequences (e.g. one at a time to find the one that fails).
+        """
+        if not seqs:
+            return []
+        for seq in seqs:
+            if seq.slot is not None or seq.prefilled or seq.finished:
+                raise RuntimeError(f"sequence {seq.request_id!r} was already prefilled")
+        if len(seqs) > self.cache.num_free:
+            raise CacheFullError(f"{len(seqs)} prompts to prefill but {self.cache.num_free} free KV-cache slots")
+        tallies = [copy.deepcopy(s.sparsity) for s in seqs]
+        try:
+            for seq in seqs:
+                seq.slot = self.cache.allocate()
+            lengths = [len(s.prompt_ids) for s in seqs]
+            T = max(lengths)
+            # Any valid id pads: the padding's outputs are never read and its keys/values never attended.
+            rows = [s.prompt_ids + [0] * (T - n) for s, n in zip(seqs, lengths, strict=True)]
+            tokens = torch.tensor(rows, dtype=torch.long, device=self.device)  # (B, T)
+            slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)  # (B,)
+            logits = self._forward(seqs, tokens, slots, lengths)  # (B, 1, V)
+            picked = sample_batch_scored(logits[:, -1, :], [s.sampler for s in seqs])
+        except BaseException:
+            for seq, tally in zip(seqs, tallies, strict=True):
+                self.release(seq)
+                seq.sparsity = tally
+            raise
+        try:
+            events = [seq.append(token, logprob) for seq, (token, logprob) in zip(seqs, picked, strict=True)]
+        except BaseException:
+            for seq in seqs:
+                self.release(seq)
+            raise
+        for seq in seqs:
+            if seq.finished:
+                self.release(seq)
+        return events
 
     @torch.inference_mode()
     def decode_step(self, seqs: SequenceABC[Sequence]) -> list[GenerationEvent]:
@@ -237,8 +279,8 @@ class Generator:
     ) -> list[GenerationResult]:
         """Run requests together: decode steps are batched over all live sequences.
 
-        Up to ``max_batch`` run at once; a waiting request is prefilled as soon as a slot frees up (the
-        same admit-then-step loop the server's continuous batcher runs). ``params`` is one value for all
+        Up to ``max_batch`` run at once; waiting requests are prefilled together as soon as slots free up
+        (the same admit-then-step loop the server's continuous batcher runs). ``params`` is one value for all
         or one per prompt; ``sparsity_modes`` one mode (or None: the default) per prompt. Results come back
         in prompt order.
         """
@@ -258,9 +300,9 @@ class Generator:
         running: list[Sequence] = []
         try:
             while waiting or running:
-                while waiting and self.free_slots > 0:
-                    seq = waiting.popleft()
-                    events[seq.request_id].append(self.prefill(seq))
+                admitted = [waiting.popleft() for _ in range(min(len(waiting), self.free_slots))]
+                for seq, event in zip(admitted, self.prefill_batch(admitted), strict=True):
+                    events[seq.request_id].append(event)
                     if not seq.finished:
                         running.append(seq)
                 if running:

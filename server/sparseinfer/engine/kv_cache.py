@@ -91,8 +91,9 @@ class KVCache:
             )
         return starts
 
-    def advance(self, slots: torch.Tensor, num_new: int) -> None:
-        """Record that ``num_new`` positions were written to each of ``slots``."""
+    def advance(self, slots: torch.Tensor, num_new: int | torch.Tensor) -> None:
+        """Record that ``num_new`` positions (one count for all, or (B,) per slot) were written to
+        each of ``slots``."""
         self.lengths[slots.to("cpu", torch.long)] += num_new
 
     def nbytes(self) -> int:

@@ -166,26 +166,32 @@ class SparseRuntime:
             )
         return mode
 
-    def begin(self, modes: Sequence[str]) -> StepContext:
-        ctx = StepContext(modes=tuple(modes), measure_truth=self.measure_truth)
+    def begin(self, modes: Sequence[str], lengths: Sequence[int] | None = None) -> StepContext:
+        """Start a step of one row per mode; ``lengths``: each row's real tokens when right-padded."""
+        ctx = StepContext(
+            modes=tuple(modes),
+            measure_truth=self.measure_truth,
+            lengths=tuple(lengths) if lengths is not None else None,
+        )
         self.state.context = ctx
         return ctx
 
-    def end(self, ctx: StepContext, tallies: Sequence[SparsityTally], tokens: int) -> None:
-        """Clear the step and add its counts (row b of each layer) to ``tallies[b]``."""
+    def end(self, ctx: StepContext, tallies: Sequence[SparsityTally], tokens: Sequence[int]) -> None:
+        """Clear the step and add its counts (row b of each layer) to ``tallies[b]``, whose row ran
+        ``tokens[b]`` real tokens."""
         self.state.context = None
         L = len(self.layer_neurons)
         if len(ctx.counts) != L or any(c is None for c in ctx.counts):
             raise RuntimeError("a sparse step did not record every layer")
         table = [_rows(c) for c in ctx.counts]  # (L, B, 5) ints
-        for b, tally in enumerate(tallies):
-            tally.record_step(tokens)
+        for b, (tally, n) in enumerate(zip(tallies, tokens, strict=True)):
+            tally.record_step(n)
             for li in range(L):
                 sel, hot, union, truly, computed = table[li][b]
                 measured = ctx.measured[li][b]
                 tally.record_layer(
                     li,
-                    tokens,
+                    n,
                     sel,
                     hot,
                     union,

@@ -78,6 +78,10 @@ class StepContext:
 
     modes: tuple[str, ...]  # per batch row (B,)
     measure_truth: bool = False  # also measure the true active set of predicted / dense rows
+    # Per batch row, its real tokens when the rows are right-padded to a common T (a batched prefill of
+    # prompts of different lengths); None: every token is real. Padding computes no sparse neuron and is
+    # never counted.
+    lengths: tuple[int, ...] | None = None
     counts: list[Counts | None] = field(default_factory=list)  # per layer: (B, 5), see COUNT_FIELDS
     measured: list[tuple[bool, ...] | None] = field(default_factory=list)  # per layer: per row
 
@@ -133,11 +137,13 @@ class SparseFFN(nn.Module):
         if len(modes) != B:
             raise RuntimeError(f"step context has {len(modes)} modes for a batch of {B} rows")
         measure = ctx is not None and ctx.measure_truth
+        lengths = ctx.lengths if ctx is not None and ctx.lengths is not None else None
+        real = _real_tokens(lengths, T, x.device) if lengths is not None and min(lengths) < T else None
         kinds = set(modes)
         if kinds == {"dense"} and not measure:
-            out = self.tiered.dense(xf, None)  # (N, d)
+            out = self.tiered.dense(xf, None)  # (N, d): padding rows too (cheaper than removing them)
             if ctx is not None:
-                self._record_dense(ctx, B, T)
+                self._record_dense(ctx, lengths if lengths is not None else (T,) * B)
             return out.view(B, T, d)
 
         truth = self._truth(xf) if ("oracle" in kinds or measure) else None  # (N, m)
@@ -159,6 +165,11 @@ class SparseFFN(nn.Module):
                 row_mask = torch.where((row_mode == 2)[:, None], self._predict(xf)[0], row_mask)
             row_mask = row_mask.contiguous()  # an all-dense batch leaves the expanded view
             union = row_mask.any(0).nonzero().flatten().to(torch.int32)  # (n,)
+        if real is not None:  # padding selects nothing: it must not widen the union or the counts
+            row_mask = row_mask & real[:, None]
+            union = row_mask.any(0).nonzero().flatten().to(torch.int32)  # (n,)
+            if truth is not None:
+                truth = truth & real[:, None]
         # One row: its mask is the union itself, so the kernel needs none.
         out = self.tiered.forward(xf, union, row_mask if B * T > 1 else None, self.state.crossover)  # (N, d)
         if ctx is not None:
@@ -176,9 +187,9 @@ class SparseFFN(nn.Module):
         ctx.counts[self.layer] = counts
         ctx.measured[self.layer] = measured
 
-    def _record_dense(self, ctx: StepContext, B: int, T: int) -> None:
-        row = [T * self.m, T * self._hot_count, self.m, 0, 0]
-        self._store(ctx, [row] * B, (False,) * B)
+    def _record_dense(self, ctx: StepContext, lengths: tuple[int, ...]) -> None:
+        rows: list[list[int | torch.Tensor]] = [[n * self.m, n * self._hot_count, self.m, 0, 0] for n in lengths]
+        self._store(ctx, rows, (False,) * len(lengths))
 
     def _record_one(self, ctx: StepContext, union: torch.Tensor) -> None:
         # One token (a batch-1 decode step): its set is the union, so the counts need no (1, m) reductions.
@@ -212,3 +223,9 @@ class SparseFFN(nn.Module):
         else:
             truly = computed = torch.zeros_like(selected)
         self._store(ctx, torch.stack([selected, hot, union, truly, computed], dim=1), measured)
+
+
+def _real_tokens(lengths: tuple[int, ...], T: int, device: torch.device) -> torch.Tensor:
+    """(B*T,) bool: True at each row's first ``lengths[b]`` tokens (right padding is False)."""
+    n = torch.tensor(lengths, device=device)  # (B,)
+    return (torch.arange(T, device=device)[None, :] < n[:, None]).flatten()

@@ -8,7 +8,10 @@ Module and parameter names mirror Hugging Face's (``layers.3.self_attn.q_proj.we
 - with a cache, prefill or decode: row b of ``tokens`` continues the sequence in cache slot ``slots[b]`` from
   its own current length, so one decode step can batch sequences of different lengths. New keys/values are
   written into the cache, each row attends over its own prefix plus its new tokens, and the cache lengths
-  advance by T.
+  advance by T. A batch of prompts of different lengths runs right-padded to the longest: ``lengths`` gives
+  each row's real token count, the logits are taken at each row's last real token and each slot advances by
+  its own length, so the padding's keys/values sit past the slot's length and are masked out (and then
+  overwritten) like any stale entry.
 
 The decode hot path avoids per-step allocation where it can: rope tables are precomputed (and only grown),
 the cache is read through a slice up to the longest live row (a view when the slots are contiguous), and no
@@ -55,6 +58,10 @@ class _Step:
     slots: torch.Tensor | None  # (B,) on the model device
     start: int | None  # the common start position when all rows share it
     positions: torch.Tensor | None  # (B, T) on the model device, when rows start at different positions
+    # Right-padded fresh prompts: each row's real length. Rows of each length then attend on their own, so
+    # a row gets bit for bit what it gets prefilled alone (over the padded length the CPU attention kernel
+    # blocks and rounds differently).
+    lengths: tuple[int, ...] | None = None
 
     def write(self, buf: torch.Tensor, new: torch.Tensor) -> None:
         """Store ``new`` (B, KVH, T, hd) at each row's positions of cache buffer ``buf``."""
@@ -99,15 +106,31 @@ class Attention(nn.Module):
             step.write(k_cache, k)
             step.write(v_cache, v)
             k, v = step.read(k_cache), step.read(v_cache)  # (B, KVH, window, hd)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=step.mask,
-            is_causal=step.is_causal,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )  # (B, H, T, hd)
+        gqa = self.num_heads != self.num_kv_heads
+        if step.lengths is not None:
+            y = _attend_by_length(q, k, v, step.lengths, gqa)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=step.mask, is_causal=step.is_causal, enable_gqa=gqa
+            )  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, d)
+
+
+def _attend_by_length(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...], gqa: bool
+) -> torch.Tensor:
+    """Causal attention of right-padded fresh prompts, the rows of each real length together, cut to it:
+    q (B, H, T, hd), k/v (B, KVH, T, hd) -> (B, H, T, hd), zeros at the padding."""
+    y = torch.zeros_like(q)
+    rows_of: dict[int, list[int]] = {}
+    for b, n in enumerate(lengths):
+        rows_of.setdefault(n, []).append(b)
+    for n, rows in rows_of.items():
+        idx = torch.tensor(rows, device=q.device)
+        y[idx, :, :n] = F.scaled_dot_product_attention(
+            q[idx, :, :n], k[idx, :, :n], v[idx, :, :n], is_causal=n > 1, enable_gqa=gqa
+        )  # (b_n, H, n, hd)
+    return y
 
 
 class Block(nn.Module):
@@ -183,13 +206,20 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         slots: torch.Tensor | None = None,
         last_only: bool = False,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) with ``last_only``, as float32.
 
         tokens: (B, T) token ids. With ``cache``, row b continues the sequence in slot ``slots[b]``
-        (default: slot b).
+        (default: slot b). ``lengths`` (B,) on the CPU, with ``cache`` and ``last_only`` only: row b's
+        first ``lengths[b]`` tokens are real, the rest right padding (see the module docstring).
         """
         B, T = tokens.shape
+        if lengths is not None:
+            if cache is None or not last_only:
+                raise ValueError("lengths (right-padded rows) needs a cache and last_only=True")
+            if lengths.shape != (B,) or int(lengths.min()) < 1 or int(lengths.max()) > T:
+                raise ValueError(f"lengths must be (B,) = ({B},) values in [1, {T}], got {lengths.tolist()}")
         x = self.embed_tokens(tokens)  # (B, T, d)
         if self.config.embedding_scale != 1.0:
             x = x * self.config.embedding_scale
@@ -205,20 +235,26 @@ class Transformer(nn.Module):
             if slots is None:
                 slots = torch.arange(B)
             cos, sin, step = self._cached_step(cache, slots, T)
+            if lengths is not None and int(lengths.min()) < T:
+                if step.start != 0:
+                    raise ValueError("right-padded rows (lengths) must all start in an empty cache slot")
+                step.lengths = tuple(lengths.tolist())
 
         for i, layer in enumerate(self.layers):
             k_cache = cache.k[i] if cache is not None else None
             v_cache = cache.v[i] if cache is not None else None
             x = layer(x, cos, sin, step, k_cache, v_cache)  # (B, T, d)
 
-        if last_only:
+        if lengths is not None:
+            x = x[torch.arange(B), (lengths - 1).to(x.device)][:, None]  # (B, 1, d): each row's last real token
+        elif last_only:
             x = x[:, -1:]  # (B, 1, d): prefill only needs the next token's logits
         x = self.norm(x)
         if self.config.logit_divisor != 1.0:
             x = x / self.config.logit_divisor
         logits = self.lm_head(x).float()  # (B, T or 1, vocab)
         if cache is not None:
-            cache.advance(slots, T)
+            cache.advance(slots, T if lengths is None else lengths)
         return logits
 
     def _cached_step(

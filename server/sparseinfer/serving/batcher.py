@@ -6,8 +6,10 @@ returned ``Ticket``; everything that touches the model runs on the engine thread
 1. take new requests from a thread-safe inbox (blocking only when there is nothing to do);
 2. drop requests that were cancelled or whose deadline passed, releasing their KV-cache slot at once, so a
    cancelled call frees its slot before the next step;
-3. prefill at most ONE waiting request (FIFO) if a slot and the token budget allow: a long prompt delays the
-   running decodes by one prefill, never by a whole queue of them;
+3. prefill waiting requests (FIFO, as many as slots, the token budget and ``max_prefill_tokens`` allow) in
+   ONE batched forward, right-padded (``Generator.prefill_batch``): the running decodes wait for one
+   prefill of bounded size between two steps, never for a queue of them one by one, and a burst of
+   arrivals joins the batch at once instead of one request per step;
 4. run one batched decode step over every running sequence; requests join and leave between these steps.
 
 Results go back through ``loop.call_soon_threadsafe``, one call per step for all requests of that step.
@@ -16,7 +18,8 @@ Batch independence: each row of a step computes only its own tokens with its own
 guarantees, see ``engine.sampling`` and ``engine.sparse_ffn``), so the batcher never reorders work in a way
 that changes a request's tokens.
 
-Failures: a prefill that raises fails that request only. A decode step that raises before the model
+Failures: a prefill that raises is retried one request at a time (the engine leaves slots and tallies as
+they were), and only the requests that fail alone are failed. A decode step that raises before the model
 forward completed (no row's sparsity tally advanced, so no cache position was committed) is retried row by
 row and only the rows that fail alone are failed; if it raised later, the step's rows are in an unknown
 state and all of them fail. Either way the loop keeps serving.
@@ -65,7 +68,7 @@ class Engine(Protocol):
         self, prompt: Any, params: SamplingParams, request_id: Any = None, sparsity_mode: str | None = None
     ) -> EngineSequence: ...
 
-    def prefill(self, seq: EngineSequence) -> GenerationEvent: ...
+    def prefill_batch(self, seqs: Sequence[EngineSequence]) -> list[GenerationEvent]: ...
 
     def decode_step(self, seqs: Sequence[EngineSequence]) -> list[GenerationEvent]: ...
 
@@ -244,7 +247,7 @@ class Batcher:
             if self._stop_at is not None and (now >= self._stop_at or not (self._waiting or self._running)):
                 break
             self._reap(now)
-            self._admit_one()
+            self._admit()
             if self._running:
                 self._decode()
             self._flush()
@@ -294,35 +297,66 @@ class Batcher:
         with self._lock:
             self._queued -= 1
 
-    def _admit_one(self) -> None:
-        if (
-            not self._waiting
-            or len(self._running) >= self.limits.max_batch_size
-            or self.engine.free_slots <= 0
-        ):
+    def _admit(self) -> None:
+        batch = self._take_admissible()
+        if not batch:
             return
-        entry = self._waiting[0]
-        budget = self.limits.max_total_tokens
-        if budget is not None and self._running and self._reserved + entry.reserved > budget:
-            return  # FIFO: wait for running requests to finish rather than let smaller ones jump ahead
-        self._waiting.popleft()
-        self._dequeue()
-        entry.t_admit = time.perf_counter()
+        t0 = time.perf_counter()
+        for entry in batch:
+            entry.t_admit = t0
         try:
-            event = self.engine.prefill(entry.seq)
+            events: list[GenerationEvent | Exception] = list(self.engine.prefill_batch([e.seq for e in batch]))
         except Exception as e:
-            log.exception("prefill failed", extra={"request_id": entry.request.request_id})
-            self.engine.release(entry.seq)
-            self._fail(entry, ServingError(ErrorKind.INTERNAL, f"the engine failed on this request: {e}"))
-            return
+            if len(batch) > 1:
+                log.warning("batched prefill of %d requests failed: %r; retrying one at a time", len(batch), e)
+            events = [e] if len(batch) == 1 else self._prefill_singly(batch)
         now = time.perf_counter()
-        entry.t_prefilled = entry.t_first = entry.t_last = now
-        self.observer.step("prefill", len(entry.seq.prompt_ids), now - entry.t_admit)
-        self.observer.first_token(now - entry.t_accept)
-        if not entry.seq.finished:
-            self._running.append(entry)
-            self._reserved += entry.reserved
-        self._deliver(entry, event)
+        self.observer.step("prefill", sum(len(e.seq.prompt_ids) for e in batch), now - t0)
+        for entry, event in zip(batch, events, strict=True):
+            if isinstance(event, Exception):
+                log.error("prefill failed: %r", event, extra={"request_id": entry.request.request_id})
+                self.engine.release(entry.seq)
+                self._fail(entry, ServingError(ErrorKind.INTERNAL, f"the engine failed on this request: {event}"))
+                continue
+            entry.t_prefilled = entry.t_first = entry.t_last = now
+            self.observer.first_token(now - entry.t_accept)
+            if not entry.seq.finished:
+                self._running.append(entry)
+                self._reserved += entry.reserved
+            self._deliver(entry, event)
+
+    def _take_admissible(self) -> list[_Entry]:
+        """Pop the waiting requests that may start now, in order: while a batch row and a cache slot are
+        free, the token budget holds, and the padded prefill stays within ``max_prefill_tokens`` (the first
+        one is taken whatever its length)."""
+        lim = self.limits
+        slots = min(lim.max_batch_size - len(self._running), self.engine.free_slots)
+        batch: list[_Entry] = []
+        reserved, longest = self._reserved, 0
+        while self._waiting and len(batch) < slots:
+            entry = self._waiting[0]
+            if lim.max_total_tokens is not None and (self._running or batch):
+                if reserved + entry.reserved > lim.max_total_tokens:
+                    break  # FIFO: wait for running requests to finish rather than let smaller ones jump ahead
+            n = max(longest, len(entry.seq.prompt_ids))
+            if batch and n * (len(batch) + 1) > lim.max_prefill_tokens:
+                break
+            self._waiting.popleft()
+            self._dequeue()
+            batch.append(entry)
+            reserved += entry.reserved
+            longest = n
+        return batch
+
+    def _prefill_singly(self, batch: list[_Entry]) -> list[GenerationEvent | Exception]:
+        out: list[GenerationEvent | Exception] = []
+        for entry in batch:
+            try:
+                (event,) = self.engine.prefill_batch([entry.seq])
+                out.append(event)
+            except Exception as e:
+                out.append(e)
+        return out
 
     def _decode(self) -> None:
         batch = self._running

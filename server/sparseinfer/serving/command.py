@@ -49,6 +49,12 @@ def register(sub: Any) -> None:
     p.add_argument("--max-batch-size", type=_int(1), default=_LIMITS.max_batch_size)
     p.add_argument("--max-queue", type=_int(1), default=_LIMITS.max_queue, help="waiting requests")
     p.add_argument("--max-total-tokens", type=_int(1), help="Σ prompt + max_new_tokens of admitted requests")
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=_int(1),
+        default=_LIMITS.max_prefill_tokens,
+        help="tokens of one batched prefill, padding included (default %(default)s)",
+    )
     p.add_argument("--max-prompt-tokens", type=_int(1), help="default: the context length minus one")
     p.add_argument("--max-new-tokens", type=_int(1), default=_LIMITS.max_new_tokens)
     p.add_argument("--auth-token", help="require `authorization: Bearer TOKEN` (or $SPARSEINFER_AUTH_TOKEN)")
@@ -82,6 +88,7 @@ def serve_config(args: argparse.Namespace, env: Any) -> ServeConfig:
                 max_batch_size=args.max_batch_size,
                 max_queue=args.max_queue,
                 max_total_tokens=args.max_total_tokens,
+                max_prefill_tokens=args.max_prefill_tokens,
                 max_prompt_tokens=args.max_prompt_tokens,
                 max_new_tokens=args.max_new_tokens,
             ),

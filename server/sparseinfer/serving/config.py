@@ -25,6 +25,9 @@ class Limits:
     max_queue: int = 64  # requests waiting for a slot; one more answers RESOURCE_EXHAUSTED at once
     max_total_tokens: int | None = None  # Σ (prompt + max_new_tokens) of admitted requests; None: no cap
     max_prompt_tokens: int | None = None  # None: the context length minus one
+    # Tokens of one batched prefill, padding included (prompts × the longest); the first waiting prompt is
+    # admitted whatever its length. Bounds how long one prefill holds up the running decodes.
+    max_prefill_tokens: int = 2048
     max_new_tokens: int = 512  # largest max_new_tokens a request may ask for
     default_max_new_tokens: int = 128  # for requests that leave it unset (capped at max_new_tokens)
     max_stop_sequences: int = 8
@@ -34,6 +37,7 @@ class Limits:
         for name in (
             "max_batch_size",
             "max_queue",
+            "max_prefill_tokens",
             "max_new_tokens",
             "max_stop_sequences",
             "max_stop_length",
