@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import subprocess
+import sys
 
 import grpc
 import numpy as np
@@ -139,3 +142,26 @@ def test_bench_serve_end_to_end(tiny_random_checkpoint, tmp_path, capsys):
     table = (tmp_path / "serve.md").read_text()
     assert "| closed, concurrency 16 | 16 / 16 |" in table and "the server adds" in table
     assert table in capsys.readouterr().out
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to split")
+def test_client_cpus_split_and_pin_children():
+    from sparseinfer.bench.serve import split_cpus
+    from sparseinfer.bench.serve_baseline import pinned
+
+    mine = sorted(os.sched_getaffinity(0))
+    client, server = split_cpus(1)
+    assert client == mine[-1:] and server == mine[:-1]
+    with pytest.raises(SystemExit, match="client-cpus"):
+        split_cpus(len(mine))
+    code = pinned("import os; print(sorted(os.sched_getaffinity(0)))", server)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(server)
+    assert pinned("pass", None) == "pass"
+
+
+def test_client_cpus_needs_spawn():
+    from sparseinfer.cli import main
+
+    with pytest.raises(SystemExit, match="needs --spawn"):
+        main(["bench", "serve", "--target", "x:1", "--client-cpus", "1"])

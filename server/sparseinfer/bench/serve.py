@@ -7,7 +7,13 @@ Closed loop runs once per ``--concurrency`` value (default 1 and 16), open loop 
 greedy, ``max_new_tokens`` tokens) also runs on the engine alone in a process of its own, alternating with
 single requests through the server, and the report compares their times per output token: the server's
 overhead (``serve_baseline.py``).
-Output: a markdown table on stdout and, with ``--results DIR``, ``DIR/serve.json`` and ``DIR/serve.md``.
+
+``--client-cpus N`` keeps the load generator off the server's CPUs: this process runs on the last N CPUs it
+may use, the spawned server and the engine baseline on the others (torch threads = their count). On a small
+machine a co-located load generator otherwise takes its CPU from the engine's threads, and the comparison
+charges that to the server.
+Output: a markdown table on stdout and, with ``--results DIR``, ``DIR/NAME.json`` and ``DIR/NAME.md``
+(``--name``, default serve).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import os
 import platform
 import shlex
 import socket
@@ -30,7 +37,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sparseinfer.bench.machine import cpu_model
-from sparseinfer.bench.serve_baseline import PER_ROUND, EngineProcess, interleaved
+from sparseinfer.bench.serve_baseline import PER_ROUND, EngineProcess, interleaved, pinned
 from sparseinfer.bench.serve_load import LoadConfig, percentile, run_load, summarise
 
 # Rounds of engine alone vs through the server: enough that the median of their paired ratios is steady on
@@ -39,6 +46,15 @@ BASELINE_ROUNDS = 21
 # Pairs of (1 client, 16 clients) runs behind the scaling figure.
 SCALING_PAIRS = 5
 SERVE_ENTRY = "import sys; from sparseinfer.cli import main; sys.exit(main())"
+
+
+def split_cpus(client_cpus: int) -> tuple[list[int], list[int]]:
+    """(load generator's CPUs, server's CPUs): the last ``client_cpus`` of the CPUs this process may use,
+    and the rest."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not 0 < client_cpus < len(cpus):
+        raise SystemExit(f"--client-cpus must be in [1, {len(cpus) - 1}] on this machine ({len(cpus)} CPUs)")
+    return cpus[-client_cpus:], cpus[:-client_cpus]
 
 
 def _client_module() -> Any:
@@ -60,13 +76,19 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def spawn_server(
-    model: Path | None, sparsity: str | None, server_args: Sequence[str], err: TextIO, ready_s: float = 600.0
+    model: Path | None,
+    sparsity: str | None,
+    server_args: Sequence[str],
+    err: TextIO,
+    ready_s: float = 600.0,
+    cpus: Sequence[int] | None = None,
 ) -> Iterator[str]:
-    """Start ``sparseinfer serve`` on a free local port in a child process; yield its target once healthy;
-    SIGTERM it (graceful drain) on exit."""
+    """Start ``sparseinfer serve`` on a free local port in a child process (on ``cpus`` only, when given);
+    yield its target once healthy; SIGTERM it (graceful drain) on exit."""
     client_mod = _client_module()
     port = _free_port()
-    cmd = [sys.executable, "-c", SERVE_ENTRY, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    entry = pinned(SERVE_ENTRY, cpus)
+    cmd = [sys.executable, "-c", entry, "serve", "--host", "127.0.0.1", "--port", str(port)]
     if model is not None:
         cmd += ["--model", str(model)]
     if sparsity is not None:
@@ -103,7 +125,8 @@ async def _runs(
     configs: Sequence[LoadConfig],
     engine_model: Path | None,
     threads: int | None,
-) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
+    engine_cpus: Sequence[int] | None,
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None, dict[str, Any] | None]:
     client_mod = _client_module()
     rows = []
     async with client_mod.AsyncClient(target, **client_kwargs) as client:
@@ -118,6 +141,7 @@ async def _runs(
             c = configs[0]
             engine = EngineProcess(
                 threads,
+                engine_cpus,
                 model_path=engine_model,
                 prompt=c.prompt,
                 max_new_tokens=c.max_new_tokens,
@@ -163,10 +187,14 @@ def run_serve_bench(
     client_kwargs: dict[str, Any],
     engine_model: Path | None = None,
     threads: int | None = None,
+    cpus: tuple[list[int], list[int]] | None = None,
 ) -> dict[str, Any]:
     """Run every load config against ``target``; with ``engine_model``, also the interleaved engine-alone
-    comparison (see ``EngineBaseline``)."""
-    info, rows, baseline, scaling = asyncio.run(_runs(target, client_kwargs, configs, engine_model, threads))
+    comparison (see ``EngineBaseline``). ``cpus``: (load generator's, server's and engine's) when split."""
+    engine_cpus = cpus[1] if cpus is not None else None
+    info, rows, baseline, scaling = asyncio.run(
+        _runs(target, client_kwargs, configs, engine_model, threads, engine_cpus)
+    )
     meta: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
@@ -179,6 +207,7 @@ def run_serve_bench(
         "config": asdict(configs[0]),
         "engine_baseline": baseline,
         "scaling_pairs": scaling,
+        "cpus": {"load_generator": cpus[0], "server": cpus[1], "threads": threads} if cpus is not None else None,
     }
     closed = {row["concurrency"]: row for row in rows if row["mode"] == "closed"}
     if scaling is not None:
@@ -203,6 +232,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"{meta['num_layers']} layers, {meta['model']['dtype']}); server max batch {meta['max_batch_size']}, "
         f"default sparsity {meta['default_sparsity_mode']}. Every request: the same prompt, greedy, "
         f"exactly {c['max_new_tokens']} new tokens (ignore_eos). Latencies in ms as p50 / p90 / p99.",
+        "",
+        _cpu_sentence(meta.get("cpus")),
         "",
         "| load | ok / sent | errors | req/s | out tok/s | TTFT | inter-token | end-to-end | computed |",
         "|---|---:|---|---:|---:|---|---|---|---:|",
@@ -248,20 +279,33 @@ def format_table(result: dict[str, Any]) -> str:
         ]
         if "client_cpu_per_token_s" in base:
             lines.append(
-                "The load generator ran on the same machine and used "
-                f"{base['client_cpu_per_token_s'] * 1000:.2f} ms of CPU per streamed token (its event loop "
-                "and gRPC threads), CPU the server and the engine "
-                "alone did not have to share in the baseline."
+                f"The load generator used {base['client_cpu_per_token_s'] * 1000:.2f} ms of CPU per streamed "
+                "token (its event loop and gRPC threads)"
+                + (
+                    ", on CPUs of its own."
+                    if meta.get("cpus")
+                    else ", CPU the server had to share with it and the engine alone did not."
+                )
             )
     if meta.get("note"):
         lines += ["", meta["note"]]
     return "\n".join(lines) + "\n"
 
 
-def write_results(result: dict[str, Any], directory: Path) -> None:
+def _cpu_sentence(cpus: dict[str, Any] | None) -> str:
+    if cpus is None:
+        return "Load generator, server and engine baseline shared all the machine's CPUs."
+    return (
+        f"The load generator ran on CPU {', '.join(map(str, cpus['load_generator']))}; the server and the "
+        f"engine baseline on CPU {', '.join(map(str, cpus['server']))} with {cpus['threads']} torch "
+        "thread(s) (--client-cpus)."
+    )
+
+
+def write_results(result: dict[str, Any], directory: Path, name: str = "serve") -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
-    (directory / "serve.md").write_text(format_table(result))
+    (directory / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (directory / f"{name}.md").write_text(format_table(result))
 
 
 def _numbers(kind: type, text: str) -> list[Any]:
@@ -291,7 +335,14 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine-baseline", action="store_true", help="also time the engine alone (needs model)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of server and baseline")
     p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag (--spawn; repeat)")
-    p.add_argument("--results", type=Path, default=None, help="write serve.json and serve.md into DIR")
+    p.add_argument(
+        "--client-cpus",
+        type=int,
+        default=None,
+        help="run the load generator on the last N CPUs, the spawned server and baseline on the rest",
+    )
+    p.add_argument("--results", type=Path, default=None, help="write NAME.json and NAME.md into DIR")
+    p.add_argument("--name", default="serve", help="file name stem of --results (default serve)")
     p.add_argument("--note", default=None, help="a sentence added to the report (e.g. the machine's state)")
     p.set_defaults(run=_run)
 
@@ -326,21 +377,30 @@ def _run(args: argparse.Namespace, env: object) -> None:
             from sparseinfer.model.bundled import bundled_model_path
 
             model = bundled_model_path()
+    cpus = None
+    threads = args.threads
+    if args.client_cpus is not None:
+        if not args.spawn:
+            raise SystemExit("--client-cpus needs --spawn (it places the server it starts)")
+        cpus = split_cpus(args.client_cpus)
+        os.sched_setaffinity(0, cpus[0])  # this thread, and every thread it starts from now on
+        threads = threads if threads is not None else len(cpus[1])
     server_args = list(args.server_arg)
-    if args.threads is not None:
-        server_args += ["--threads", str(args.threads)]
+    if threads is not None:
+        server_args += ["--threads", str(threads)]
     engine_model = None
     if args.engine_baseline:
         if model is None:
             raise SystemExit("--engine-baseline needs the model: pass --model (no bundled model found)")
         engine_model = model
     if args.spawn:
-        with spawn_server(model, args.sparsity, server_args, sys.stderr) as target:
-            result = run_serve_bench(target, configs, client_kwargs, engine_model, args.threads)
+        server_cpus = cpus[1] if cpus is not None else None
+        with spawn_server(model, args.sparsity, server_args, sys.stderr, cpus=server_cpus) as target:
+            result = run_serve_bench(target, configs, client_kwargs, engine_model, threads, cpus)
     else:
-        result = run_serve_bench(args.target, configs, client_kwargs, engine_model, args.threads)
+        result = run_serve_bench(args.target, configs, client_kwargs, engine_model, threads)
     if args.note:
         result["meta"]["note"] = args.note
     sys.stdout.write(format_table(result) + "\n")
     if args.results is not None:
-        write_results(result, args.results)
+        write_results(result, args.results, args.name)

@@ -16,6 +16,7 @@ import resource
 import statistics
 import subprocess
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -89,13 +90,22 @@ def baseline_child() -> None:
         print(repr(engine.once()), flush=True)
 
 
+def pinned(entry: str, cpus: Sequence[int] | None) -> str:
+    """Python source that runs ``entry`` on ``cpus`` only (None: wherever the OS puts it). The child pins
+    itself: a pre-exec hook in the parent is unsafe once gRPC threads exist."""
+    if cpus is None:
+        return entry
+    return f"import os; os.sched_setaffinity(0, {sorted(cpus)!r}); " + entry
+
+
 class EngineProcess:
     """``EngineBaseline`` in its own process, like the server: the benchmark process (event loop, gRPC
     client threads) then cannot slow the engine down or the other way round."""
 
-    def __init__(self, threads: int | None, **kwargs: Any) -> None:
+    def __init__(self, threads: int | None, cpus: Sequence[int] | None = None, **kwargs: Any) -> None:
+        """``cpus``: run on these CPUs only (as the server runs under ``--client-cpus``)."""
         kwargs = {**kwargs, "model_path": str(kwargs["model_path"]), "threads": threads}
-        entry = "from sparseinfer.bench.serve_baseline import baseline_child; baseline_child()"
+        entry = pinned("from sparseinfer.bench.serve_baseline import baseline_child; baseline_child()", cpus)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", entry, json.dumps(kwargs)],
             stdin=subprocess.PIPE,
