@@ -19,7 +19,9 @@ DECODE_STEPS = 5
 
 
 def _params(i: int) -> SamplingParams:
-    return SamplingParams(max_new_tokens=DECODE_STEPS + 1, temperature=0.9, seed=i, logprobs=True, ignore_eos=True)
+    return SamplingParams(
+        max_new_tokens=DECODE_STEPS + 1, temperature=0.9, seed=i, logprobs=True, ignore_eos=True
+    )
 
 
 def _run_alone(gen: Generator, prompt: list[int], params: SamplingParams, mode: str | None):

@@ -337,7 +337,9 @@ def test_a_failed_batched_prefill_is_retried_one_by_one(make_batcher):
         engine.fail_prefill.add("bad")
         blocker = b.submit(request("blocker", n=1, seed=9))
         tickets = [b.submit(request(rid, n=3, seed=i)) for i, rid in enumerate(("a", "bad", "c"))]
-        results = await asyncio.gather(collect(blocker), *(collect(t) for t in tickets), return_exceptions=True)
+        results = await asyncio.gather(
+            collect(blocker), *(collect(t) for t in tickets), return_exceptions=True
+        )
         assert results[1][0] == [expected_token(0, p) for p in range(3)]
         assert results[3][0] == [expected_token(2, p) for p in range(3)]
         assert isinstance(results[2], ServingError) and results[2].kind is ErrorKind.INTERNAL

@@ -207,8 +207,10 @@ def run_serve_bench(
         "config": asdict(configs[0]),
         "engine_baseline": baseline,
         "scaling_pairs": scaling,
-        "cpus": {"load_generator": cpus[0], "server": cpus[1], "threads": threads} if cpus is not None else None,
+        "cpus": None,
     }
+    if cpus is not None:
+        meta["cpus"] = {"load_generator": cpus[0], "server": cpus[1], "threads": threads}
     closed = {row["concurrency"]: row for row in rows if row["mode"] == "closed"}
     if scaling is not None:
         meta["scaling_16_vs_1"] = scaling["median"]

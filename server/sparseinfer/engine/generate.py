@@ -1,9 +1,10 @@
 """Autoregressive generation over a KV cache: a step-level core plus thin loops on top.
 
 The core is three calls a batcher can drive: ``start`` (validate + tokenize into a ``Sequence``),
-``prefill`` (run prompts, each into its own cache slot, in one right-padded forward, and sample their first
-tokens) and ``decode_step`` (one batched forward over any set of live sequences, each at its own length). Sequences give their slot
-back as soon as they finish. ``generate_stream``, ``generate`` and ``generate_batch`` are loops over it.
+``prefill_batch`` (run prompts, each into its own cache slot, in one right-padded forward, and sample
+their first tokens; ``prefill`` for one) and ``decode_step`` (one batched forward over any set of live
+sequences, each at its own length). Sequences give their slot back as soon as they finish.
+``generate_stream``, ``generate`` and ``generate_batch`` are loops over it.
 
 Context length: a request whose prompt plus ``max_new_tokens`` exceeds the generator's ``max_seq`` is
 rejected with a ``ValueError`` naming ``max_new_tokens`` instead of being silently shortened, so a caller
@@ -144,7 +145,8 @@ class Generator:
         row_lengths = torch.tensor(lengths) if padded else None
         if self.sparsity is None:
             logits = self.model(tokens, cache=self.cache, slots=slots, last_only=True, lengths=row_lengths)
-            for seq, n in zip(seqs, counts, strict=True):  # dense: every neuron of every layer, model's device
+            # Dense: every neuron of every layer, all on the model's device.
+            for seq, n in zip(seqs, counts, strict=True):
                 seq.sparsity.record_step(n)
                 for li, m in enumerate(self._layer_neurons):
                     seq.sparsity.record_layer(li, n, n * m, n * m, m)
@@ -183,7 +185,8 @@ class Generator:
             if seq.slot is not None or seq.prefilled or seq.finished:
                 raise RuntimeError(f"sequence {seq.request_id!r} was already prefilled")
         if len(seqs) > self.cache.num_free:
-            raise CacheFullError(f"{len(seqs)} prompts to prefill but {self.cache.num_free} free KV-cache slots")
+            free = self.cache.num_free
+            raise CacheFullError(f"{len(seqs)} prompts to prefill but {free} free KV-cache slots")
         tallies = [copy.deepcopy(s.sparsity) for s in seqs]
         try:
             for seq in seqs:

@@ -188,7 +188,8 @@ class SparseFFN(nn.Module):
         ctx.measured[self.layer] = measured
 
     def _record_dense(self, ctx: StepContext, lengths: tuple[int, ...]) -> None:
-        rows: list[list[int | torch.Tensor]] = [[n * self.m, n * self._hot_count, self.m, 0, 0] for n in lengths]
+        m, hot = self.m, self._hot_count
+        rows: list[list[int | torch.Tensor]] = [[n * m, n * hot, m, 0, 0] for n in lengths]
         self._store(ctx, rows, (False,) * len(lengths))
 
     def _record_one(self, ctx: StepContext, union: torch.Tensor) -> None:

@@ -246,7 +246,8 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, step, k_cache, v_cache)  # (B, T, d)
 
         if lengths is not None:
-            x = x[torch.arange(B), (lengths - 1).to(x.device)][:, None]  # (B, 1, d): each row's last real token
+            last = (lengths - 1).to(x.device)  # (B,) each row's last real token
+            x = x[torch.arange(B, device=x.device), last][:, None]  # (B, 1, d)
         elif last_only:
             x = x[:, -1:]  # (B, 1, d): prefill only needs the next token's logits
         x = self.norm(x)

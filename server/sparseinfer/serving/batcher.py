@@ -305,18 +305,23 @@ class Batcher:
         for entry in batch:
             entry.t_admit = t0
         try:
-            events: list[GenerationEvent | Exception] = list(self.engine.prefill_batch([e.seq for e in batch]))
+            events: list[GenerationEvent | Exception] = list(
+                self.engine.prefill_batch([b.seq for b in batch])
+            )
         except Exception as e:
-            if len(batch) > 1:
-                log.warning("batched prefill of %d requests failed: %r; retrying one at a time", len(batch), e)
-            events = [e] if len(batch) == 1 else self._prefill_singly(batch)
+            if len(batch) == 1:
+                events = [e]
+            else:
+                log.warning("batched prefill of %d requests failed: %r; retrying each alone", len(batch), e)
+                events = self._prefill_singly(batch)
         now = time.perf_counter()
         self.observer.step("prefill", sum(len(e.seq.prompt_ids) for e in batch), now - t0)
         for entry, event in zip(batch, events, strict=True):
             if isinstance(event, Exception):
-                log.error("prefill failed: %r", event, extra={"request_id": entry.request.request_id})
+                msg = f"the engine failed on this request: {event}"
+                log.error(msg, extra={"request_id": entry.request.request_id})
                 self.engine.release(entry.seq)
-                self._fail(entry, ServingError(ErrorKind.INTERNAL, f"the engine failed on this request: {event}"))
+                self._fail(entry, ServingError(ErrorKind.INTERNAL, msg))
                 continue
             entry.t_prefilled = entry.t_first = entry.t_last = now
             self.observer.first_token(now - entry.t_accept)
@@ -335,9 +340,9 @@ class Batcher:
         reserved, longest = self._reserved, 0
         while self._waiting and len(batch) < slots:
             entry = self._waiting[0]
-            if lim.max_total_tokens is not None and (self._running or batch):
-                if reserved + entry.reserved > lim.max_total_tokens:
-                    break  # FIFO: wait for running requests to finish rather than let smaller ones jump ahead
+            budget = lim.max_total_tokens
+            if budget is not None and (self._running or batch) and reserved + entry.reserved > budget:
+                break  # FIFO: wait for running requests to finish rather than let smaller ones jump ahead
             n = max(longest, len(entry.seq.prompt_ids))
             if batch and n * (len(batch) + 1) > lim.max_prefill_tokens:
                 break
