@@ -319,7 +319,7 @@ class Batcher:
         for entry, event in zip(batch, events, strict=True):
             if isinstance(event, Exception):
                 msg = f"the engine failed on this request: {event}"
-                log.error(msg, extra={"request_id": entry.request.request_id})
+                log.error(msg, exc_info=event, extra={"request_id": entry.request.request_id})
                 self.engine.release(entry.seq)
                 self._fail(entry, ServingError(ErrorKind.INTERNAL, msg))
                 continue
