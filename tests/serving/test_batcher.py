@@ -110,10 +110,10 @@ class FakeEngine:
             self.released.append(seq.request_id)
 
 
-def request(rid, n=5, seed=None, prompt="hello", deadline=None, mode=None):
+def request(rid, n=5, seed=None, prompt="hello", deadline=None, mode=None, stream=True):
     seed = seed if seed is not None else hash(rid) % 1000
     params = SamplingParams(max_new_tokens=n, seed=seed, ignore_eos=True)
-    return BatchRequest(prompt, params, rid, mode, deadline)
+    return BatchRequest(prompt, params, rid, mode, deadline, stream)
 
 
 async def collect(ticket):
@@ -349,5 +349,37 @@ def test_a_failed_batched_prefill_is_retried_one_by_one(make_batcher):
         assert len(together) > 1 and {"a", "bad", "c"} <= set(together)
         assert prefills[failed_at + 1 :] == [(rid,) for rid in together]  # then each alone, in order
         assert engine.free_slots == 4
+
+    asyncio.run(main())
+
+
+def test_a_unary_request_gets_all_its_tokens_with_the_completion_alone(make_batcher):
+    async def main():
+        b, _ = make_batcher(FakeEngine(step_s=0.002))
+        streamed = b.submit(request("streamed", n=6, seed=7))
+        unary = b.submit(request("unary", n=6, seed=7, stream=False))
+        items = [item async for item in unary]
+        assert len(items) == 1 and isinstance(items[0], Completion)  # one wake-up, not one per token
+        final = items[0]
+        expected = [expected_token(7, p) for p in range(6)]
+        assert list(final.last.token_ids) == expected and final.completion_tokens == 6
+        assert final.last.text == "".join(f"<{t}>" for t in expected)
+        tokens, _ = await collect(streamed)  # the same request streamed: the same tokens
+        assert tokens == expected
+
+    asyncio.run(main())
+
+
+def test_a_unary_request_cut_at_shutdown_keeps_its_tokens(make_batcher):
+    async def main():
+        b, _ = make_batcher(FakeEngine(slots=1, step_s=0.005), max_batch_size=1)
+        ticket = b.submit(request("slow", n=60, seed=3, stream=False))
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(b.close, 0.0, 5)
+        items = [item async for item in ticket]
+        assert len(items) == 1 and items[0].finish_reason == "cancelled"
+        got = list(items[0].last.token_ids)
+        assert 0 < len(got) < 60 and got == [expected_token(3, p) for p in range(len(got))]
+        assert items[0].completion_tokens == len(got)
 
     asyncio.run(main())

@@ -12,7 +12,9 @@ returned ``Ticket``; everything that touches the model runs on the engine thread
    arrivals joins the batch at once instead of one request per step;
 4. run one batched decode step over every running sequence; requests join and leave between these steps.
 
-Results go back through ``loop.call_soon_threadsafe``, one call per step for all requests of that step.
+Results go back through ``loop.call_soon_threadsafe``, one call per step for all requests of that step
+that have something to send: a streaming request gets each step's tokens, a unary one
+(``BatchRequest.stream`` False) only its completion, with every token merged into it.
 
 Batch independence: each row of a step computes only its own tokens with its own sampler and RNG (engine
 guarantees, see ``engine.sampling`` and ``engine.sparse_ffn``), so the batcher never reorders work in a way
@@ -52,6 +54,7 @@ from sparseinfer.serving.requests import (
     StreamItem,
     Timings,
     TokenChunk,
+    merge_chunks,
 )
 
 log = logging.getLogger("sparseinfer.serving.batcher")
@@ -134,6 +137,7 @@ class _Entry:
         self.reserved = len(ticket.seq.prompt_ids) + ticket.request.params.max_new_tokens
         self.t_accept = time.perf_counter()
         self.t_admit = self.t_prefilled = self.t_first = self.t_last = 0.0
+        self.held: list[TokenChunk] = []  # a unary request's tokens, until its completion
 
 
 def _log_crash(done: Future[None]) -> None:
@@ -408,13 +412,19 @@ class Batcher:
     def _deliver(self, entry: _Entry, event: GenerationEvent) -> None:
         chunk = TokenChunk(event.text, tuple(event.token_ids), tuple(event.logprobs))
         if event.finish_reason is None:
-            self._emit(entry, chunk)
+            if entry.request.stream:
+                self._emit(entry, chunk)
+            else:
+                entry.held.append(chunk)
         else:
             completion = self._completion(entry, event.finish_reason, chunk)
             self.observer.completed(completion)
             self._emit(entry, completion)
 
     def _completion(self, entry: _Entry, finish_reason: Any, last: TokenChunk | None = None) -> Completion:
+        if entry.held:  # a unary request: all its tokens travel with the completion
+            last = merge_chunks(entry.held + ([last] if last is not None else []))
+            entry.held = []
         seq = entry.seq
         n = len(seq.output_ids)
         timings = Timings(

@@ -53,6 +53,9 @@ class BatchRequest:
     request_id: str
     sparsity_mode: str | None = None  # None: the server's default mode
     deadline: float | None = None  # time.monotonic() after which the request is abandoned; None: none
+    # False (unary calls): the caller wants only the end, so the batcher holds the tokens back and returns
+    # them merged into ``Completion.last``, waking the event loop once per request instead of per token.
+    stream: bool = True
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,18 @@ class Completion:
     seed: int  # the seed actually used, so the request can be replayed
     timings: Timings
     sparsity: SparsityReport
-    last: TokenChunk | None = None  # the final step's text and token (one message carries both)
+    # The final step's text and token (one message carries both); for a request with ``stream=False``,
+    # every token of the request.
+    last: TokenChunk | None = None
 
 
 StreamItem = TokenChunk | Completion | ServingError
+
+
+def merge_chunks(chunks: list[TokenChunk]) -> TokenChunk:
+    """One chunk with the text, token ids and log-probabilities of ``chunks`` in order."""
+    return TokenChunk(
+        "".join(c.text for c in chunks),
+        tuple(t for c in chunks for t in c.token_ids),
+        tuple(lp for c in chunks for lp in c.logprobs),
+    )

@@ -9,6 +9,7 @@ request before its next step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -59,7 +60,7 @@ class SparseInferServicer(pb_grpc.SparseInferServicer):
     async def Generate(  # gRPC method names are CamelCase
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        ticket, details = await self._submit("Generate", request, context)
+        ticket, details = await self._submit("Generate", request, context, stream=False)
         text: list[str] = []
         tokens: list[pb.Token] = []
         try:
@@ -92,7 +93,7 @@ class SparseInferServicer(pb_grpc.SparseInferServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        ticket, details = await self._submit("GenerateStream", request, context)
+        ticket, details = await self._submit("GenerateStream", request, context, stream=True)
         rid = ticket.request.request_id
         try:
             async for item in ticket:
@@ -117,12 +118,15 @@ class SparseInferServicer(pb_grpc.SparseInferServicer):
             ticket.cancel()
 
     async def _submit(
-        self, method: str, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, method: str, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, stream: bool
     ) -> tuple[Ticket, Details]:
+        """Validate and enqueue ``request``; ``stream`` False: a unary call (its tokens come back with the
+        completion, see ``BatchRequest.stream``)."""
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         try:
             batch_request, details = from_pb(request, self.batcher.limits, deadline)
+            batch_request = dataclasses.replace(batch_request, stream=stream)
             return self.batcher.submit(batch_request), details
         except ServingError as e:
             await self._abort(method, request.request_id, e, context)
