@@ -136,11 +136,16 @@ def test_bench_serve_end_to_end(tiny_random_checkpoint, tmp_path, capsys):
     )
     q1, q3 = base["overhead_quartiles"]
     assert q1 <= base["overhead"] <= q3 and base["client_cpu_per_token_s"] > 0
+    u1, u3 = base["unary_overhead_quartiles"]
+    assert u1 <= base["unary_overhead"] <= u3
+    assert len(base["server_unary_rounds_s"]) == len(base["engine_whole_rounds_s"]) == BASELINE_ROUNDS
+    assert base["server_unary_per_token_s"] > 0 and base["engine_whole_per_token_s"] > 0
     pairs = result["meta"]["scaling_pairs"]
     assert len(pairs["ratios"]) == pairs["pairs"] == SCALING_PAIRS and all(r > 0 for r in pairs["ratios"])
     assert result["meta"]["scaling_16_vs_1"] == pytest.approx(sorted(pairs["ratios"])[SCALING_PAIRS // 2])
     table = (tmp_path / "serve.md").read_text()
     assert "| closed, concurrency 16 | 16 / 16 |" in table and "the server adds" in table
+    assert "Unary Generate in the same rounds" in table
     assert table in capsys.readouterr().out
 
 

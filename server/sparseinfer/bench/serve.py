@@ -279,6 +279,15 @@ def format_table(result: dict[str, Any]) -> str:
             "warm-up); the median of the rounds' paired ratios: the server adds "
             f"{base['overhead']:+.1%} (target ≤ +10%; quartiles {q1:+.1%} / {q3:+.1%}).",
         ]
+        if "unary_overhead" in base:
+            u1, u3 = base["unary_overhead_quartiles"]
+            lines.append(
+                "Unary Generate in the same rounds (one response per request, no per-token messages): "
+                f"{base['server_unary_per_token_s'] * 1000:.2f} ms per output token from send to response vs "
+                f"{base['engine_whole_per_token_s'] * 1000:.2f} ms for the engine's whole request (prefill "
+                f"included); the server adds {base['unary_overhead']:+.1%} (quartiles {u1:+.1%} / "
+                f"{u3:+.1%})."
+            )
         if "client_cpu_per_token_s" in base:
             lines.append(
                 f"The load generator used {base['client_cpu_per_token_s'] * 1000:.2f} ms of CPU per streamed "

@@ -16,6 +16,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -28,7 +29,8 @@ from sparseinfer.bench.serve_load import LoadConfig, percentile, run_load
 class EngineBaseline:
     """The engine alone, sized as the server sizes it (``max_batch`` KV-cache slots of ``max_seq`` positions,
     from its ModelInfo) but running one request: the same prompt, greedy, exactly ``max_new_tokens`` tokens.
-    ``once()`` runs one generation and returns decode seconds per token after the first."""
+    ``once()`` runs one generation and returns (decode seconds per token after the first, whole-request
+    seconds per token: prefill included)."""
 
     def __init__(
         self,
@@ -66,17 +68,17 @@ class EngineBaseline:
         self._worker.submit(build).result()
         self.once()  # warm-up: first-call allocations and caches
 
-    def _generate(self) -> float:
+    def _generate(self) -> tuple[float, float]:
         stats = self.generator.generate(self.ids, self.params).stats
-        return stats.decode_s / (stats.completion_tokens - 1)
+        return stats.decode_s / (stats.completion_tokens - 1), stats.total_s / stats.completion_tokens
 
-    def once(self) -> float:
+    def once(self) -> tuple[float, float]:
         return self._worker.submit(self._generate).result()
 
 
 def baseline_child() -> None:
     """Entry of the engine-baseline process: build ``EngineBaseline(**json argv[1])``, print "ready", then
-    answer every stdin line with one generation's seconds per token."""
+    answer every stdin line with one generation's two times per token (see ``EngineBaseline.once``)."""
     kwargs = json.loads(sys.argv[1])
     threads = kwargs.pop("threads")
     if threads is not None:
@@ -87,7 +89,8 @@ def baseline_child() -> None:
     engine = EngineBaseline(**kwargs)
     print("ready", flush=True)
     for _ in sys.stdin:
-        print(repr(engine.once()), flush=True)
+        decode, whole = engine.once()
+        print(f"{decode!r} {whole!r}", flush=True)
 
 
 def pinned(entry: str, cpus: Sequence[int] | None) -> str:
@@ -122,11 +125,12 @@ class EngineProcess:
             raise RuntimeError(f"the engine baseline process exited ({self.proc.wait()})")
         return line.strip()
 
-    def once(self) -> float:
+    def once(self) -> tuple[float, float]:
         assert self.proc.stdin is not None
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
-        return float(self._line())
+        decode, whole = self._line().split()
+        return float(decode), float(whole)
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -145,16 +149,45 @@ def _process_cpu_s() -> float:
 PER_ROUND = 3
 
 
+async def _unary_per_token(client: Any, config: LoadConfig) -> float:
+    """One unary Generate of the load's request; client-side seconds per output token, send to response."""
+    t0 = time.perf_counter()
+    result = await client.generate(
+        config.prompt,
+        max_new_tokens=config.max_new_tokens,
+        temperature=0.0,
+        ignore_eos=True,
+        sparsity_mode=config.sparsity_mode,
+        timeout=config.timeout_s,
+    )
+    return (time.perf_counter() - t0) / result.usage.generated_tokens
+
+
+def _paired(server: list[float], engine: list[float]) -> tuple[float, list[float]]:
+    """The median of the rounds' server/engine ratios minus one, and its quartiles likewise. Each round's
+    pair ran back to back and sees one state of a shared machine (per-round times swung 3.6-6.4 ms here
+    while the pairs' ratios stayed far closer), so the median ratio is the estimate."""
+    ratios = [s / e for s, e in zip(server, engine, strict=True)]
+    return statistics.median(ratios) - 1.0, [percentile(ratios, 25) - 1.0, percentile(ratios, 75) - 1.0]
+
+
 async def interleaved(client: Any, engine: EngineProcess, config: LoadConfig, rounds: int) -> dict[str, Any]:
     """Engine alone and requests through the server, alternating ``rounds`` times: the machine may be shared,
     and a noisy neighbour then slows both alike. In each round each side runs PER_ROUND generations back to
-    back and counts all but the first (its time per token after the first token, median)."""
+    back and counts all but the first. Two comparisons:
+
+    - streaming: time per token after the first token, from the client's arrival times, vs the engine's
+      decode time per token after the first;
+    - unary Generate: the whole call's time per output token (prefill included, no per-token messages) vs
+      the engine's whole request per token.
+    """
     warm = replace(config, mode="closed", concurrency=1, requests=PER_ROUND, warmup=0)
-    engine_s, server_s = [], []
+    engine_s, server_s, engine_whole_s, unary_s = [], [], [], []
     client_cpu_s, client_tokens = 0.0, 0
     for _ in range(rounds):
         engine_runs = [await asyncio.to_thread(engine.once) for _ in range(PER_ROUND)]  # loop stays free
-        engine_s.append(statistics.median(engine_runs[1:]))
+        engine_s.append(statistics.median(run[0] for run in engine_runs[1:]))
+        engine_whole_s.append(statistics.median(run[1] for run in engine_runs[1:]))
         cpu0 = _process_cpu_s()
         records, _ = await run_load(client, warm)
         client_cpu_s += _process_cpu_s() - cpu0
@@ -164,19 +197,25 @@ async def interleaved(client: Any, engine: EngineProcess, config: LoadConfig, ro
             raise RuntimeError(f"baseline request failed: {failed}")
         server_s.append(statistics.median(t for t in tpots if t is not None))
         client_tokens += sum(r.tokens for r in records)
-    engine_median, server_median = statistics.median(engine_s), statistics.median(server_s)
-    # Each round's pair ran back to back, so its ratio sees one state of a shared machine (per-round times
-    # swung 3.6-6.4 ms here while the pairs' ratios stayed far closer): the median ratio is the estimate.
-    ratios = [s / e for s, e in zip(server_s, engine_s, strict=True)]
+        unary = [await _unary_per_token(client, config) for _ in range(PER_ROUND)]
+        unary_s.append(statistics.median(unary[1:]))
+    overhead, quartiles = _paired(server_s, engine_s)
+    unary_overhead, unary_quartiles = _paired(unary_s, engine_whole_s)
     return {
         "rounds": rounds,
-        "engine_per_token_s": engine_median,
-        "server_per_token_s": server_median,
-        "overhead": statistics.median(ratios) - 1.0,
-        "overhead_quartiles": [percentile(ratios, 25) - 1.0, percentile(ratios, 75) - 1.0],
+        "engine_per_token_s": statistics.median(engine_s),
+        "server_per_token_s": statistics.median(server_s),
+        "overhead": overhead,
+        "overhead_quartiles": quartiles,
+        "engine_whole_per_token_s": statistics.median(engine_whole_s),
+        "server_unary_per_token_s": statistics.median(unary_s),
+        "unary_overhead": unary_overhead,
+        "unary_overhead_quartiles": unary_quartiles,
         # CPU the load generator itself (this process: asyncio loop and gRPC threads) spent per streamed token
         # during the server rounds: on a small machine it competes with the server for the same cores.
         "client_cpu_per_token_s": client_cpu_s / max(1, client_tokens),
         "engine_rounds_s": engine_s,
         "server_rounds_s": server_s,
+        "engine_whole_rounds_s": engine_whole_s,
+        "server_unary_rounds_s": unary_s,
     }
