@@ -58,10 +58,11 @@ class _Step:
     slots: torch.Tensor | None  # (B,) on the model device
     start: int | None  # the common start position when all rows share it
     positions: torch.Tensor | None  # (B, T) on the model device, when rows start at different positions
-    # Right-padded fresh prompts: each row's real length. Rows of each length then attend on their own, so
-    # a row gets bit for bit what it gets prefilled alone (over the padded length the CPU attention kernel
-    # blocks and rounds differently).
-    lengths: tuple[int, ...] | None = None
+    # Right-padded fresh prompts: (real length n, the rows of that length (b_n,) on the model device), once
+    # per forward for every layer. Rows of each length attend on their own, so a row gets bit for bit what
+    # it gets prefilled alone (over the padded length the CPU attention kernel blocks and rounds
+    # differently).
+    length_groups: list[tuple[int, torch.Tensor]] | None = None
 
     def write(self, buf: torch.Tensor, new: torch.Tensor) -> None:
         """Store ``new`` (B, KVH, T, hd) at each row's positions of cache buffer ``buf``."""
@@ -107,8 +108,8 @@ class Attention(nn.Module):
             step.write(v_cache, v)
             k, v = step.read(k_cache), step.read(v_cache)  # (B, KVH, window, hd)
         gqa = self.num_heads != self.num_kv_heads
-        if step.lengths is not None:
-            y = _attend_by_length(q, k, v, step.lengths, gqa)
+        if step.length_groups is not None:
+            y = _attend_by_length(q, k, v, step.length_groups, gqa)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=step.mask, is_causal=step.is_causal, enable_gqa=gqa
@@ -116,17 +117,25 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, d)
 
 
+def _length_groups(lengths: list[int], device: torch.device) -> list[tuple[int, torch.Tensor]]:
+    """[(n, indices of the rows of real length n)] for each distinct length."""
+    rows_of: dict[int, list[int]] = {}
+    for b, n in enumerate(lengths):
+        rows_of.setdefault(n, []).append(b)
+    return [(n, torch.tensor(rows, device=device)) for n, rows in rows_of.items()]
+
+
 def _attend_by_length(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...], gqa: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    groups: list[tuple[int, torch.Tensor]],
+    gqa: bool,
 ) -> torch.Tensor:
     """Causal attention of right-padded fresh prompts, the rows of each real length together, cut to it:
     q (B, H, T, hd), k/v (B, KVH, T, hd) -> (B, H, T, hd), zeros at the padding."""
     y = torch.zeros_like(q)
-    rows_of: dict[int, list[int]] = {}
-    for b, n in enumerate(lengths):
-        rows_of.setdefault(n, []).append(b)
-    for n, rows in rows_of.items():
-        idx = torch.tensor(rows, device=q.device)
+    for n, idx in groups:
         y[idx, :, :n] = F.scaled_dot_product_attention(
             q[idx, :, :n], k[idx, :, :n], v[idx, :, :n], is_causal=n > 1, enable_gqa=gqa
         )  # (b_n, H, n, hd)
@@ -238,7 +247,7 @@ class Transformer(nn.Module):
             if lengths is not None and int(lengths.min()) < T:
                 if step.start != 0:
                     raise ValueError("right-padded rows (lengths) must all start in an empty cache slot")
-                step.lengths = tuple(lengths.tolist())
+                step.length_groups = _length_groups(lengths.tolist(), self.device)
 
         for i, layer in enumerate(self.layers):
             k_cache = cache.k[i] if cache is not None else None
