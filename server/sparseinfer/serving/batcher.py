@@ -36,7 +36,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
@@ -317,15 +317,12 @@ class Batcher:
                 events = [e]
             else:
                 log.warning("batched prefill of %d requests failed: %r; retrying each alone", len(batch), e)
-                events = self._prefill_singly(batch)
+                events = self._each_alone(self.engine.prefill_batch, batch)
         now = time.perf_counter()
         self.observer.step("prefill", sum(len(e.seq.prompt_ids) for e in batch), now - t0)
         for entry, event in zip(batch, events, strict=True):
             if isinstance(event, Exception):
-                msg = f"the engine failed on this request: {event}"
-                log.error(msg, exc_info=event, extra={"request_id": entry.request.request_id})
-                self.engine.release(entry.seq)
-                self._fail(entry, ServingError(ErrorKind.INTERNAL, msg))
+                self._engine_failed(entry, event)
                 continue
             entry.t_prefilled = entry.t_first = entry.t_last = now
             self.observer.first_token(now - entry.t_accept)
@@ -357,16 +354,6 @@ class Batcher:
             longest = n
         return batch
 
-    def _prefill_singly(self, batch: list[_Entry]) -> list[GenerationEvent | Exception]:
-        out: list[GenerationEvent | Exception] = []
-        for entry in batch:
-            try:
-                (event,) = self.engine.prefill_batch([entry.seq])
-                out.append(event)
-            except Exception as e:
-                out.append(e)
-        return out
-
     def _decode(self) -> None:
         batch = self._running
         seqs = [e.seq for e in batch]
@@ -377,17 +364,15 @@ class Batcher:
         except Exception as e:
             log.warning("decode step of %d sequences failed: %r", len(batch), e)
             forward_done = any(s.sparsity.tokens != c for s, c in zip(seqs, counted, strict=True))
-            events = [e] * len(batch) if forward_done or len(batch) == 1 else self._decode_singly(batch)
+            alone = forward_done or len(batch) == 1
+            events = [e] * len(batch) if alone else self._each_alone(self.engine.decode_step, batch)
         now = time.perf_counter()
         self.observer.step("decode", len(batch), now - t0)
         self._running = []
         for entry, event in zip(batch, events, strict=True):
             if isinstance(event, Exception):
-                self.engine.release(entry.seq)
                 self._reserved -= entry.reserved
-                msg = f"the engine failed on this request: {event}"
-                log.error(msg, extra={"request_id": entry.request.request_id})
-                self._fail(entry, ServingError(ErrorKind.INTERNAL, msg))
+                self._engine_failed(entry, event)
                 continue
             self.observer.inter_token(now - entry.t_last)
             entry.t_last = now
@@ -397,15 +382,26 @@ class Batcher:
                 self._running.append(entry)
             self._deliver(entry, event)
 
-    def _decode_singly(self, batch: list[_Entry]) -> list[GenerationEvent | Exception]:
+    def _each_alone(
+        self, step: Callable[[list[EngineSequence]], list[GenerationEvent]], batch: list[_Entry]
+    ) -> list[GenerationEvent | Exception]:
+        """Run ``step`` (the engine's prefill_batch or decode_step) on each entry alone: its event, or the
+        exception it raised alone."""
         out: list[GenerationEvent | Exception] = []
         for entry in batch:
             try:
-                (event,) = self.engine.decode_step([entry.seq])
+                (event,) = step([entry.seq])
                 out.append(event)
             except Exception as e:
                 out.append(e)
         return out
+
+    def _engine_failed(self, entry: _Entry, error: Exception) -> None:
+        """Fail ``entry`` with INTERNAL after the engine raised on it, and give its slot back."""
+        msg = f"the engine failed on this request: {error}"
+        log.error(msg, exc_info=error, extra={"request_id": entry.request.request_id})
+        self.engine.release(entry.seq)
+        self._fail(entry, ServingError(ErrorKind.INTERNAL, msg))
 
     # ---- results -------------------------------------------------------------------------------------
 
