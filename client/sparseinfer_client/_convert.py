@@ -114,6 +114,15 @@ def build_generate_request(prompt: str | Sequence[int], options: GenerateOptions
     return request
 
 
+def build_stream_request(
+    prompt: str | Sequence[int], options: GenerateOptions, stream_interval: int
+) -> pb.GenerateRequest:
+    """``build_generate_request`` plus GenerateStream's ``stream_interval`` (tokens per message)."""
+    request = build_generate_request(prompt, options)
+    _set_int(request, "stream_interval", stream_interval, "stream_interval", 0, _UINT32_MAX)
+    return request
+
+
 def _set_int(message: Any, attr: str, value: int | None, name: str, low: int, high: int) -> None:
     if value is None:
         return

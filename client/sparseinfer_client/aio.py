@@ -23,6 +23,7 @@ from sparseinfer_client._channel import RetryPolicy
 from sparseinfer_client._convert import (
     GenerateOptions,
     build_generate_request,
+    build_stream_request,
     chunk_from_pb,
     model_info_from_pb,
     result_from_pb,
@@ -93,10 +94,15 @@ class AsyncClient:
         return result_from_pb(await self._unary(self._stub.Generate, request, timeout))
 
     def generate_stream(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Any
+        self,
+        prompt: str | Sequence[int],
+        *,
+        timeout: float | None = None,
+        stream_interval: int = 1,
+        **options: Any,
     ) -> AsyncIterator[StreamChunk]:
         """See ``Client.generate_stream``; leaving ``async for`` early (or ``aclose()``) cancels the call."""
-        request = build_generate_request(prompt, GenerateOptions(**options))
+        request = build_stream_request(prompt, GenerateOptions(**options), stream_interval)
         return self._stream(request, timeout if timeout is not None else self.timeout)
 
     async def tokenize(self, text: str, *, timeout: float | None = None) -> TokenizeResult:

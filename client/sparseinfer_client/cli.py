@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a completion")
     gen.add_argument("prompt")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    gen.add_argument(
+        "--stream-interval", type=int, default=1, help="with --stream: tokens per message after the first"
+    )
     gen.add_argument("--max-new-tokens", type=int, default=None)
     gen.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=None)
@@ -84,7 +87,7 @@ def _generate(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO
     }
     if args.stream and not args.json:
         last: StreamChunk | None = None
-        for chunk in client.generate_stream(args.prompt, **options):
+        for chunk in client.generate_stream(args.prompt, stream_interval=args.stream_interval, **options):
             out.write(chunk.text)
             out.flush()
             last = chunk

@@ -25,6 +25,7 @@ from sparseinfer_client._channel import RetryPolicy
 from sparseinfer_client._convert import (
     GenerateOptions,
     build_generate_request,
+    build_stream_request,
     chunk_from_pb,
     model_info_from_pb,
     result_from_pb,
@@ -129,11 +130,18 @@ class Client:
         return result_from_pb(self._unary(self._stub.Generate, request, timeout))
 
     def generate_stream(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Any
+        self,
+        prompt: str | Sequence[int],
+        *,
+        timeout: float | None = None,
+        stream_interval: int = 1,
+        **options: Any,
     ) -> Iterator[StreamChunk]:
         """Stream a completion chunk by chunk; the last chunk has ``finish_reason`` and the report.
-        Stopping the iteration early (``break``, or closing the iterator) cancels the call on the server."""
-        request = build_generate_request(prompt, GenerateOptions(**options))
+        ``stream_interval`` N > 1: the first token comes at once, then N tokens per chunk (fewer messages,
+        less CPU per token on server and client; the same tokens). Stopping the iteration early
+        (``break``, or closing the iterator) cancels the call on the server."""
+        request = build_stream_request(prompt, GenerateOptions(**options), stream_interval)
         return self._stream(request, self._timeout(timeout))
 
     def tokenize(self, text: str, *, timeout: float | None = None) -> TokenizeResult:

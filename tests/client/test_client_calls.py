@@ -107,6 +107,13 @@ def test_unencodable_requests_fail_before_sending(fake_server, prompt, options, 
     assert fake_server.servicer.calls == []
 
 
+@pytest.mark.parametrize("interval", [-1, 2**32, 1.5, True])
+def test_a_bad_stream_interval_fails_before_sending(fake_server, interval):
+    with Client(fake_server.target) as client, pytest.raises(sc.ValidationError, match="stream_interval"):
+        client.generate_stream("x", stream_interval=interval)
+    assert fake_server.servicer.calls == []
+
+
 def test_auth_token_is_sent_as_bearer_metadata(fake_server):
     with Client(fake_server.target, token="s3cret") as client:
         client.generate("hi")

@@ -20,12 +20,23 @@ def run(argv):
 
 
 def test_generate_stream_prints_text_and_summary(fake_server):
-    code, out, err = run(["--target", fake_server.target, "generate", "hi", "--stream", "--seed", "3"])
+    argv = [
+        "--target",
+        fake_server.target,
+        "generate",
+        "hi",
+        "--stream",
+        "--seed",
+        "3",
+        "--stream-interval",
+        "4",
+    ]
+    code, out, err = run(argv)
     assert code == 0
     assert out == "t0 t1 t2 \n"
     assert "finish: length" in err and "computed 25.0%" in err
     request = fake_server.servicer.calls[-1][2]
-    assert request.text == "hi" and request.sampling.seed == 3
+    assert request.text == "hi" and request.sampling.seed == 3 and request.stream_interval == 4
 
 
 def test_generate_json_and_options(fake_server):

@@ -37,12 +37,15 @@ def _run(fake_server, config):
 
 @pytest.mark.parametrize("mode", ["closed", "open"])
 def test_runs_send_exactly_the_requests(fake_server, mode):
-    config = LoadConfig(mode=mode, concurrency=3, rate=200.0, requests=7, warmup=2, max_new_tokens=4)
+    config = LoadConfig(
+        mode=mode, concurrency=3, rate=200.0, requests=7, warmup=2, max_new_tokens=4, stream_interval=2
+    )
     records, wall = _run(fake_server, config)
     assert len(records) == 7 and wall > 0
     assert fake_server.servicer.attempts("GenerateStream") == 9  # + warm-up
     request = fake_server.servicer.calls[-1][2]
     assert request.details.tokens and request.stopping.ignore_eos and request.sampling.temperature == 0
+    assert request.stream_interval == 2
     summary = summarise(records, wall, config)
     # The fake streams 3 one-token chunks per request, the last with the report (computed share 0.25).
     assert summary["succeeded"] == 7 and summary["errors"] == {}
@@ -108,6 +111,9 @@ def test_config_validation_and_defaults():
         load_configs(args)
     with pytest.raises(ValueError, match="rate"):
         LoadConfig(mode="open", rate=0).validate()
+    args = parser.parse_args(["serve", "--target", "x:1", "--stream-interval", "0"])
+    with pytest.raises(ValueError, match="stream-interval"):
+        load_configs(args)
 
 
 def test_bench_serve_end_to_end(tiny_random_checkpoint, tmp_path, capsys):

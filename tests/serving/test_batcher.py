@@ -110,10 +110,10 @@ class FakeEngine:
             self.released.append(seq.request_id)
 
 
-def request(rid, n=5, seed=None, prompt="hello", deadline=None, mode=None, stream=True):
+def request(rid, n=5, seed=None, prompt="hello", deadline=None, mode=None, stream=True, interval=1):
     seed = seed if seed is not None else hash(rid) % 1000
     params = SamplingParams(max_new_tokens=n, seed=seed, ignore_eos=True)
-    return BatchRequest(prompt, params, rid, mode, deadline, stream)
+    return BatchRequest(prompt, params, rid, mode, deadline, stream, interval)
 
 
 async def collect(ticket):
@@ -381,5 +381,41 @@ def test_a_unary_request_cut_at_shutdown_keeps_its_tokens(make_batcher):
         got = list(items[0].last.token_ids)
         assert 0 < len(got) < 60 and got == [expected_token(3, p) for p in range(len(got))]
         assert items[0].completion_tokens == len(got)
+
+    asyncio.run(main())
+
+
+def test_a_stream_interval_sends_the_first_token_then_every_n_tokens(make_batcher):
+    async def main():
+        b, _ = make_batcher(FakeEngine(step_s=0.002))
+        ticket = b.submit(request("chunked", n=9, seed=5, interval=3))
+        items = [item async for item in ticket]
+        chunks, final = items[:-1], items[-1]
+        # Tokens 1, 2-4, 5-7 as chunks; 8 is held and goes with the completion, which carries 9.
+        assert [len(c.token_ids) for c in chunks] == [1, 3, 3]
+        assert isinstance(final, Completion) and list(final.last.token_ids) == [
+            expected_token(5, 7),
+            expected_token(5, 8),
+        ]
+        expected = [expected_token(5, p) for p in range(9)]
+        assert [t for c in chunks for t in c.token_ids] + list(final.last.token_ids) == expected
+        assert "".join(c.text for c in chunks) + final.last.text == "".join(f"<{t}>" for t in expected)
+        tokens, _ = await collect(b.submit(request("each", n=9, seed=5)))  # interval 1: the same tokens
+        assert tokens == expected
+
+    asyncio.run(main())
+
+
+def test_a_chunked_stream_gets_its_held_tokens_before_an_error(make_batcher):
+    async def main():
+        b, _ = make_batcher(FakeEngine(step_s=0.005))
+        ticket = b.submit(request("late", n=60, seed=6, deadline=time.monotonic() + 0.05, interval=100))
+        got = []
+        with pytest.raises(ServingError) as err:
+            async for item in ticket:
+                got.extend(item.token_ids)
+        assert err.value.kind is ErrorKind.DEADLINE
+        # The first token at once, then everything sampled before the deadline, none lost in the holding.
+        assert len(got) > 1 and got == [expected_token(6, p) for p in range(len(got))]
 
     asyncio.run(main())

@@ -61,6 +61,18 @@ def test_stream_concatenates_to_the_unary_result(client):
     assert last.sparsity.tokens == whole.sparsity.tokens
 
 
+def test_a_stream_interval_sends_fewer_messages_with_the_same_tokens(client):
+    kwargs = dict(max_new_tokens=11, temperature=1.0, seed=5, ignore_eos=True, return_logprobs=True)
+    each = list(client.generate_stream("chunk me", **kwargs))
+    chunked = list(client.generate_stream("chunk me", stream_interval=4, **kwargs))
+    # The first token at once, then 4 per message: tokens 1 | 2-5 | 6-9 | 10-11 with the finish.
+    assert [len(c.tokens) for c in chunked] == [1, 4, 4, 2]
+    assert [c.finish_reason for c in chunked] == [None, None, None, "length"]
+    assert [t for c in chunked for t in c.tokens] == [t for c in each for t in c.tokens]  # ids, logprobs
+    assert "".join(c.text for c in chunked) == "".join(c.text for c in each)
+    assert chunked[-1].usage == each[-1].usage and chunked[-1].sparsity == each[-1].sparsity
+
+
 def test_32_concurrent_requests_equal_single_runs(server, client):
     requests = [
         dict(

@@ -34,7 +34,7 @@ FINISH_REASON_CANCELLED: FinishReason
 FINISH_REASON_DEADLINE: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "token_ids", "sampling", "stopping", "sparsity_mode", "request_id", "details")
+    __slots__ = ("text", "token_ids", "sampling", "stopping", "sparsity_mode", "request_id", "details", "stream_interval")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class GenerateRequest(_message.Message):
     SPARSITY_MODE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DETAILS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: TokenIds
     sampling: SamplingParameters
@@ -49,7 +50,8 @@ class GenerateRequest(_message.Message):
     sparsity_mode: SparsityMode
     request_id: str
     details: DetailsOptions
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., sparsity_mode: _Optional[_Union[SparsityMode, str]] = ..., request_id: _Optional[str] = ..., details: _Optional[_Union[DetailsOptions, _Mapping]] = ...) -> None: ...
+    stream_interval: int
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., sparsity_mode: _Optional[_Union[SparsityMode, str]] = ..., request_id: _Optional[str] = ..., details: _Optional[_Union[DetailsOptions, _Mapping]] = ..., stream_interval: _Optional[int] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)

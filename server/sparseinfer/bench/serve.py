@@ -226,7 +226,12 @@ def format_table(result: dict[str, Any]) -> str:
     meta, rows = result["meta"], result["rows"]
     c = meta["config"]
     lines = [
-        "# gRPC server under load (client: sparseinfer_client.AsyncClient, streaming)",
+        "# gRPC server under load (client: sparseinfer_client.AsyncClient, streaming "
+        + (
+            "one message per token)"
+            if c.get("stream_interval", 1) == 1
+            else f"the first token, then {c['stream_interval']} tokens per message)"
+        ),
         "",
         f"{meta['date']} · Python {meta['python']} · {meta['cpu']} · server {meta['target']}",
         "",
@@ -339,6 +344,12 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--requests", type=int, default=None, help="per run (default: 3×concurrency, ≥ 8)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="tokens per streamed message after the first (default 1)",
+    )
     p.add_argument("--prompt", default=LoadConfig().prompt)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--token", default=None, help="bearer token")
@@ -365,6 +376,7 @@ def load_configs(args: argparse.Namespace) -> list[LoadConfig]:
         prompt=args.prompt,
         sparsity_mode=args.sparsity,
         timeout_s=args.timeout,
+        stream_interval=args.stream_interval,
     )
     configs = []
     if args.mode in ("closed", "both"):

@@ -37,6 +37,7 @@ class LoadConfig:
     sparsity_mode: str | None = None  # None: the server's default
     timeout_s: float = 300.0
     seed: int = 0  # open-loop arrival times
+    stream_interval: int = 1  # tokens per streamed message after the first (GenerateRequest.stream_interval)
 
     def validate(self) -> None:
         if self.mode not in ("closed", "open"):
@@ -49,6 +50,8 @@ class LoadConfig:
             raise ValueError("--requests must be ≥ 1 and --warmup ≥ 0")
         if self.max_new_tokens < 2:
             raise ValueError("--max-new-tokens must be ≥ 2 (inter-token latency needs two tokens)")
+        if self.stream_interval < 1:
+            raise ValueError(f"--stream-interval must be ≥ 1, got {self.stream_interval}")
 
 
 @dataclass
@@ -87,6 +90,7 @@ async def _one(client: Any, config: LoadConfig, index: int) -> RequestRecord:
             request_id=f"bench-{index}",
             return_tokens=True,
             timeout=config.timeout_s,
+            stream_interval=config.stream_interval,
         )
         async for chunk in stream:
             now = time.perf_counter()

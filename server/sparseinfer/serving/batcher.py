@@ -13,8 +13,9 @@ returned ``Ticket``; everything that touches the model runs on the engine thread
 4. run one batched decode step over every running sequence; requests join and leave between these steps.
 
 Results go back through ``loop.call_soon_threadsafe``, one call per step for all requests of that step
-that have something to send: a streaming request gets each step's tokens, a unary one
-(``BatchRequest.stream`` False) only its completion, with every token merged into it.
+that have something to send: a streaming request gets its first token at once and then every
+``BatchRequest.stream_interval`` tokens merged into one chunk, a unary one (``BatchRequest.stream`` False)
+only its completion, with every token merged into it.
 
 Batch independence: each row of a step computes only its own tokens with its own sampler and RNG (engine
 guarantees, see ``engine.sampling`` and ``engine.sparse_ffn``), so the batcher never reorders work in a way
@@ -137,7 +138,8 @@ class _Entry:
         self.reserved = len(ticket.seq.prompt_ids) + ticket.request.params.max_new_tokens
         self.t_accept = time.perf_counter()
         self.t_admit = self.t_prefilled = self.t_first = self.t_last = 0.0
-        self.held: list[TokenChunk] = []  # a unary request's tokens, until its completion
+        # Tokens not sent yet: a unary request's until its completion, a streaming one's until its interval.
+        self.held: list[TokenChunk] = []
 
 
 def _log_crash(done: Future[None]) -> None:
@@ -293,7 +295,7 @@ class Batcher:
                     err = ServingError(ErrorKind.CANCELLED, "the request was cancelled")
                 else:
                     err = ServingError(ErrorKind.DEADLINE, "the deadline passed; generation stopped")
-                self._emit(entry, err)
+                self._fail(entry, err)
         self.observer.queue_length(len(self._waiting))
         self.observer.batch_size(len(self._running))
 
@@ -408,17 +410,17 @@ class Batcher:
     def _deliver(self, entry: _Entry, event: GenerationEvent) -> None:
         chunk = TokenChunk(event.text, tuple(event.token_ids), tuple(event.logprobs))
         if event.finish_reason is None:
-            if entry.request.stream:
-                self._emit(entry, chunk)
-            else:
-                entry.held.append(chunk)
+            entry.held.append(chunk)
+            request = entry.request
+            if request.stream and (len(entry.seq.output_ids) - 1) % request.stream_interval == 0:
+                self._send_held(entry)
         else:
             completion = self._completion(entry, event.finish_reason, chunk)
             self.observer.completed(completion)
             self._emit(entry, completion)
 
     def _completion(self, entry: _Entry, finish_reason: Any, last: TokenChunk | None = None) -> Completion:
-        if entry.held:  # a unary request: all its tokens travel with the completion
+        if entry.held:  # tokens not sent yet travel with the completion
             last = merge_chunks(entry.held + ([last] if last is not None else []))
             entry.held = []
         seq = entry.seq
@@ -434,7 +436,13 @@ class Batcher:
             finish_reason, len(seq.prompt_ids), n, seq.seed, timings, seq.sparsity.report(), last
         )
 
+    def _send_held(self, entry: _Entry) -> None:
+        held, entry.held = entry.held, []
+        self._emit(entry, held[0] if len(held) == 1 else merge_chunks(held))
+
     def _fail(self, entry: _Entry, error: ServingError) -> None:
+        if entry.request.stream and entry.held:  # a stream gets every token sampled before the error
+            self._send_held(entry)
         self._emit(entry, error)
 
     def _emit(self, entry: _Entry, item: StreamItem) -> None:

@@ -114,7 +114,10 @@ def from_pb(msg: pb.GenerateRequest, limits: Limits, deadline: float | None) -> 
     )
     request_id = msg.request_id or uuid.uuid4().hex
     details = Details(tokens=msg.details.tokens or msg.details.logprobs)
-    return BatchRequest(prompt, params, request_id, mode, deadline), details
+    request = BatchRequest(
+        prompt, params, request_id, mode, deadline, stream_interval=max(1, msg.stream_interval)
+    )
+    return request, details
 
 
 def error_message(err: ServingError) -> str:
