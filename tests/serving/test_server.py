@@ -162,3 +162,19 @@ def test_metrics_endpoint(make_server):
     assert 'sparseinfer_served_computed_tokens_total{mode="dense"}' in text
     for name in ("queue_length", "batch_size", "time_to_first_token_seconds", "inter_token_latency_seconds"):
         assert f"sparseinfer_{name}" in text
+
+
+@pytest.mark.parametrize("kind", ["uvloop", "asyncio"])
+def test_both_event_loops_serve_streams_and_drain(make_server, kind):
+    handle = make_server(event_loop=kind)
+    assert type(handle._loop).__module__.split(".")[0] == kind
+    with Client(handle.address, retry=NO_RETRY, timeout=30) as c:
+        chunks = list(c.generate_stream("loop", max_new_tokens=6, seed=1, ignore_eos=True))
+        assert chunks[-1].finish_reason == "length" and len(chunks) == 6
+        stream = c.generate_stream("drain", max_new_tokens=150, seed=2, ignore_eos=True)
+        first = next(stream)  # in flight when the server is asked to stop
+        stopper = threading.Thread(target=handle.stop, kwargs={"grace": 10.0})
+        stopper.start()
+        rest = list(stream)
+        stopper.join()
+    assert rest[-1].finish_reason == "length" and 1 + len(rest) == 150 and first.text is not None

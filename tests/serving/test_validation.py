@@ -167,6 +167,7 @@ def fuzzed_requests(draw):
     r.request_id = draw(mostly(st.text(max_size=20), st.text(max_size=200)))
     r.details.tokens = draw(st.booleans())
     r.details.logprobs = draw(st.booleans())
+    r.stream_interval = draw(mostly(st.integers(0, 6), st.integers(0, 2**32 - 1)))
     return r
 
 
@@ -190,6 +191,26 @@ def test_fuzzed_requests_get_a_valid_answer_or_invalid_argument(stub, request_, 
     assert all(t.logprob <= 0.0 for t in response.tokens)
     if request_.request_id:
         assert response.request_id == request_.request_id
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request_=fuzzed_requests())
+def test_fuzzed_streams_get_valid_messages_or_invalid_argument(stub, request_, server):
+    try:
+        messages = list(stub.GenerateStream(request_, timeout=20))
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
+        return
+    *chunks, last = messages
+    assert last.finish_reason in FINISH and all(
+        m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in chunks
+    )
+    n = last.usage.generated_tokens
+    # The first token at once, then one message per `stream_interval` tokens (0 means 1), the rest last.
+    interval = max(1, request_.stream_interval)
+    assert len(chunks) == sum(1 for k in range(1, n) if (k - 1) % interval == 0)
+    if request_.details.tokens or request_.details.logprobs:
+        assert sum(len(m.tokens) for m in messages) == n
 
 
 def test_server_healthy_after_fuzzing(server):

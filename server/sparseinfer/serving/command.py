@@ -12,7 +12,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from sparseinfer.serving.config import Limits, ServeConfig
+from sparseinfer.serving.config import EVENT_LOOPS, Limits, ServeConfig
 
 _DEFAULTS = ServeConfig()
 _LIMITS = Limits()
@@ -66,6 +66,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the checkpoint's)")
     p.add_argument("--threads", type=_int(1), help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default=_DEFAULTS.event_loop,
+        help="the gRPC side's event loop (default %(default)s: less CPU per streamed token)",
+    )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p.set_defaults(run=_run_serve)
 
@@ -99,6 +105,7 @@ def serve_config(args: argparse.Namespace, env: Any) -> ServeConfig:
             grace_period=args.grace_period,
             dtype=args.dtype,
             threads=args.threads,
+            event_loop=args.event_loop,
         )
         config.validate()
     except ValueError as e:
@@ -116,4 +123,7 @@ def _run_serve(args: argparse.Namespace, env: Any) -> None:
 
     config = serve_config(args, env)
     configure_logging(args.log_level)
-    asyncio.run(serve(config))
+    from sparseinfer.serving.server import new_event_loop
+
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(config.event_loop)) as runner:
+        runner.run(serve(config))

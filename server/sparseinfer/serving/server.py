@@ -1,8 +1,8 @@
 """The grpc.aio server: SparseInfer + health + reflection, auth, TLS, keepalive, message limits, draining.
 
-``AsyncServer`` is the server on an existing event loop (``sparseinfer serve`` runs it with ``asyncio.run``
-and SIGTERM/SIGINT handlers); ``start_server(config)`` runs one on its own thread and returns a handle with
-``.port`` and ``.stop(grace)`` for tests, benchmarks and embedding.
+``AsyncServer`` is the server on an existing event loop (``sparseinfer serve`` runs it on a loop from
+``new_event_loop``, uvloop by default, with SIGTERM/SIGINT handlers); ``start_server(config)`` runs one on
+its own thread and returns a handle with ``.port`` and ``.stop(grace)`` for tests, benchmarks and embedding.
 
 Shutdown (SIGTERM, ``stop``): health turns NOT_SERVING (load balancers and Kubernetes stop sending), new
 generations answer UNAVAILABLE, running and queued requests continue for up to the grace period; after it,
@@ -176,11 +176,20 @@ class ServerHandle:
         self.stop()
 
 
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """A new event loop of ``kind`` (``ServeConfig.event_loop``: "uvloop" or "asyncio")."""
+    if kind == "uvloop":
+        import uvloop  # ServeConfig.validate checked that it is installed
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 def start_server(config: ServeConfig, served: Served | None = None) -> ServerHandle:
     """Load the model (unless ``served`` is given), start a server on a background thread, return its handle
     once it accepts calls (``config.port=0`` picks a free port: ``handle.port``)."""
     server = AsyncServer(config, served)
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop(config.event_loop)
     started = threading.Event()
     failure: list[BaseException] = []
 
