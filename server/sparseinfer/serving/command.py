@@ -12,7 +12,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from sparseinfer.serving.config import EVENT_LOOPS, Limits, ServeConfig
+from sparseinfer.serving.config import EVENT_LOOPS, Limits, ServeConfig, new_event_loop
 
 _DEFAULTS = ServeConfig()
 _LIMITS = Limits()
@@ -123,7 +123,5 @@ def _run_serve(args: argparse.Namespace, env: Any) -> None:
 
     config = serve_config(args, env)
     configure_logging(args.log_level)
-    from sparseinfer.serving.server import new_event_loop
-
     with asyncio.Runner(loop_factory=lambda: new_event_loop(config.event_loop)) as runner:
         runner.run(serve(config))

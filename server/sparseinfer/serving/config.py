@@ -8,6 +8,7 @@ request, logprobs) and the sparsity report, so sends get 16 MiB.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import sys
 from dataclasses import dataclass
@@ -22,6 +23,15 @@ MAX_SEND_MESSAGE_BYTES = 16 * 1024 * 1024
 # one token every ~1.8 ms, measured side by side on the 2-core VM); it is a dependency wherever it builds.
 EVENT_LOOPS = ("uvloop", "asyncio")
 DEFAULT_EVENT_LOOP = "asyncio" if sys.platform == "win32" else "uvloop"
+
+
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """A new event loop of ``kind``, one of ``EVENT_LOOPS`` (uvloop must be installed for "uvloop")."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,12 @@ from grpc_reflection.v1alpha import reflection
 
 from sparseinfer.serving.auth import BearerTokenInterceptor
 from sparseinfer.serving.batcher import Batcher
-from sparseinfer.serving.config import MAX_RECEIVE_MESSAGE_BYTES, MAX_SEND_MESSAGE_BYTES, ServeConfig
+from sparseinfer.serving.config import (
+    MAX_RECEIVE_MESSAGE_BYTES,
+    MAX_SEND_MESSAGE_BYTES,
+    ServeConfig,
+    new_event_loop,
+)
 from sparseinfer.serving.engine_thread import EngineThread
 from sparseinfer.serving.metrics import ServerMetrics
 from sparseinfer.serving.model_setup import Served, load_served
@@ -174,15 +179,6 @@ class ServerHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
-    """A new event loop of ``kind`` (``ServeConfig.event_loop``: "uvloop" or "asyncio")."""
-    if kind == "uvloop":
-        import uvloop  # ServeConfig.validate checked that it is installed
-
-        return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
 
 
 def start_server(config: ServeConfig, served: Served | None = None) -> ServerHandle:
