@@ -409,20 +409,18 @@ class Batcher:
 
     def _deliver(self, entry: _Entry, event: GenerationEvent) -> None:
         chunk = TokenChunk(event.text, tuple(event.token_ids), tuple(event.logprobs))
+        entry.held.append(chunk)
         if event.finish_reason is None:
-            entry.held.append(chunk)
             request = entry.request
             if request.stream and (len(entry.seq.output_ids) - 1) % request.stream_interval == 0:
-                self._send_held(entry)
+                self._emit(entry, self._take_held(entry))
         else:
-            completion = self._completion(entry, event.finish_reason, chunk)
+            completion = self._completion(entry, event.finish_reason)
             self.observer.completed(completion)
             self._emit(entry, completion)
 
-    def _completion(self, entry: _Entry, finish_reason: Any, last: TokenChunk | None = None) -> Completion:
-        if entry.held:  # tokens not sent yet travel with the completion
-            last = merge_chunks(entry.held + ([last] if last is not None else []))
-            entry.held = []
+    def _completion(self, entry: _Entry, finish_reason: Any) -> Completion:
+        last = self._take_held(entry)  # tokens not sent yet travel with the completion
         seq = entry.seq
         n = len(seq.output_ids)
         timings = Timings(
@@ -436,13 +434,16 @@ class Batcher:
             finish_reason, len(seq.prompt_ids), n, seq.seed, timings, seq.sparsity.report(), last
         )
 
-    def _send_held(self, entry: _Entry) -> None:
+    def _take_held(self, entry: _Entry) -> TokenChunk | None:
+        """The tokens not sent yet as one chunk (None if there are none); they count as sent from now."""
         held, entry.held = entry.held, []
-        self._emit(entry, held[0] if len(held) == 1 else merge_chunks(held))
+        if not held:
+            return None
+        return held[0] if len(held) == 1 else merge_chunks(held)
 
     def _fail(self, entry: _Entry, error: ServingError) -> None:
         if entry.request.stream and entry.held:  # a stream gets every token sampled before the error
-            self._send_held(entry)
+            self._emit(entry, self._take_held(entry))
         self._emit(entry, error)
 
     def _emit(self, entry: _Entry, item: StreamItem) -> None:
