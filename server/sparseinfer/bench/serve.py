@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -40,7 +39,7 @@ from typing import Any, TextIO
 from sparseinfer.bench.machine import cpu_model
 from sparseinfer.bench.serve_baseline import PER_ROUND, EngineProcess, interleaved, pinned
 from sparseinfer.bench.serve_load import LoadConfig, percentile, run_load, summarise
-from sparseinfer.serving.config import DEFAULT_EVENT_LOOP, new_event_loop
+from sparseinfer.serving.config import DEFAULT_EVENT_LOOP, event_loop_installed, new_event_loop
 
 # Rounds of engine alone vs through the server: enough that the median of their paired ratios is steady on
 # a noisy machine (seven single-request rounds gave -10% to +16% for the same code).
@@ -196,7 +195,7 @@ def run_serve_bench(
     engine_cpus = cpus[1] if cpus is not None else None
     # The load generator on the server's default loop when it can: CPU it spends per streamed token is
     # CPU the server loses when they share cores.
-    loop_kind = DEFAULT_EVENT_LOOP if importlib.util.find_spec(DEFAULT_EVENT_LOOP) else "asyncio"
+    loop_kind = DEFAULT_EVENT_LOOP if event_loop_installed(DEFAULT_EVENT_LOOP) else "asyncio"
     with asyncio.Runner(loop_factory=lambda: new_event_loop(loop_kind)) as runner:
         info, rows, baseline, scaling = runner.run(
             _runs(target, client_kwargs, configs, engine_model, threads, engine_cpus)

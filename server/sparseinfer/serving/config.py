@@ -25,6 +25,11 @@ EVENT_LOOPS = ("uvloop", "asyncio")
 DEFAULT_EVENT_LOOP = "asyncio" if sys.platform == "win32" else "uvloop"
 
 
+def event_loop_installed(kind: str) -> bool:
+    """Whether ``new_event_loop(kind)`` can work here (asyncio always; uvloop when it is installed)."""
+    return kind == "asyncio" or importlib.util.find_spec(kind) is not None
+
+
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
     """A new event loop of ``kind``, one of ``EVENT_LOOPS`` (uvloop must be installed for "uvloop")."""
     if kind == "uvloop":
@@ -104,7 +109,7 @@ class ServeConfig:
             raise ValueError("--auth-token must not be empty")
         if self.event_loop not in EVENT_LOOPS:
             raise ValueError(f"--event-loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
-        if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        if not event_loop_installed(self.event_loop):
             raise ValueError(
                 "--event-loop uvloop: uvloop is not installed (pip install uvloop, or pass asyncio)"
             )
