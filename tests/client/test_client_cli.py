@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -81,8 +82,18 @@ def test_bad_arguments_exit_2():
     assert info.value.code == 2
 
 
+def installed_script(name):
+    """The console script the README's install put beside this interpreter (the venv's bin/).
+
+    Only what that install creates may be relied on: not PATH, not a path on a developer's machine.
+    """
+    exe = Path(sys.executable).with_name(name)
+    assert exe.is_file(), f"{name} is not installed beside {sys.executable}: install ./client as the README says"
+    return str(exe)
+
+
 def test_installed_console_script(fake_server):
-    exe = shutil.which("sparseinfer-client") or "/work/venv/bin/sparseinfer-client"
+    exe = installed_script("sparseinfer-client")
     done = subprocess.run(
         [exe, "--target", fake_server.target, "generate", "hi", "--stream"],
         capture_output=True,
