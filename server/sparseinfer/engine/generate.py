@@ -28,11 +28,12 @@ from typing import Any
 import torch
 
 from sparseinfer.engine.accounting import SparsityTally
+from sparseinfer.engine.errors import InvalidRequest, RequestFailed, StepFailed
 from sparseinfer.engine.kv_cache import CacheFullError, KVCache
 from sparseinfer.engine.modes import SparseRuntime, validate_mode
 from sparseinfer.engine.placement import neuron_bytes
 from sparseinfer.engine.sampling import SamplingParams, sample_batch_scored
-from sparseinfer.engine.sequence import GenerationEvent, GenerationResult, Sequence
+from sparseinfer.engine.sequence import GenerationEvent, GenerationResult, Sequence, StepOutcome
 from sparseinfer.model.tokenizer import IncrementalDecoder, Tokenizer
 
 Prompt = str | SequenceABC[int]
@@ -88,6 +89,15 @@ class Generator:
 
     # ---- step-level core -------------------------------------------------------------------------------
 
+    def encode(self, text: str) -> list[int]:
+        """``text``'s prompt token ids with the checkpoint's BOS convention (as ``start`` encodes text)."""
+        return self.tokenizer.encode(text)
+
+    @property
+    def max_bytes_per_token(self) -> int:
+        """No token stands for more UTF-8 bytes of text than this (``Tokenizer.max_bytes_per_token``)."""
+        return self.tokenizer.max_bytes_per_token
+
     def start(
         self, prompt: Prompt, params: SamplingParams, request_id: Any = None, sparsity_mode: str | None = None
     ) -> Sequence:
@@ -102,16 +112,17 @@ class Generator:
         mode = self._mode(sparsity_mode)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
-            raise ValueError("prompt must contain at least one token")
+            raise InvalidRequest("prompt", "must contain at least one token")
         vocab = int(self.model.config.vocab_size)
         if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+            raise InvalidRequest("prompt", f"token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_seq:
+            raise InvalidRequest("prompt", f"has {len(ids)} tokens but the context length is {self.max_seq}")
         if len(ids) + params.max_new_tokens > self.max_seq:
-            raise ValueError(
-                f"max_new_tokens={params.max_new_tokens} plus the prompt's {len(ids)} tokens exceeds the "
-                f"context length {self.max_seq}; lower max_new_tokens to at most {self.max_seq - len(ids)}"
-                if len(ids) < self.max_seq
-                else f"prompt has {len(ids)} tokens but the context length is {self.max_seq}"
+            raise InvalidRequest(
+                "max_new_tokens",
+                f"({params.max_new_tokens}) plus the prompt's {len(ids)} tokens exceeds the context length "
+                f"{self.max_seq}; lower max_new_tokens to at most {self.max_seq - len(ids)}",
             )
         decoder = IncrementalDecoder(self.tokenizer, ids)
         tally = SparsityTally(mode, self._layer_neurons, self._neuron_bytes)
@@ -122,9 +133,10 @@ class Generator:
             return self.sparsity.check_mode(requested if requested is not None else self.sparsity.config.mode)
         mode = validate_mode(requested if requested is not None else "dense")
         if mode != "dense":
-            raise ValueError(
-                f"sparsity mode {mode!r} needs sparse execution, but this generator runs the model dense "
-                "(build it with a SparseRuntime, e.g. `sparseinfer generate --sparsity oracle`)"
+            raise InvalidRequest(
+                "sparsity_mode",
+                f"{mode!r} needs sparse execution, but this generator runs the model dense "
+                "(build it with a SparseRuntime, e.g. `sparseinfer generate --sparsity oracle`)",
             )
         return mode
 
@@ -165,12 +177,13 @@ class Generator:
         return self.cache.num_free
 
     def prefill(self, seq: Sequence) -> GenerationEvent:
-        """Take a cache slot for ``seq``, run its whole prompt and sample its first token."""
-        (event,) = self.prefill_batch([seq])
-        return event
+        """Take a cache slot for ``seq``, run its whole prompt and sample its first token (raises
+        ``RequestFailed`` where ``prefill_batch`` would return it)."""
+        (outcome,) = self.prefill_batch([seq])
+        return _event(outcome)
 
     @torch.inference_mode()
-    def prefill_batch(self, seqs: SequenceABC[Sequence]) -> list[GenerationEvent]:
+    def prefill_batch(self, seqs: SequenceABC[Sequence]) -> list[StepOutcome]:
         """Prefill several sequences in one forward: the prompts right-padded to the longest, each row into
         its own cache slot; returns one first-token event per sequence.
 
@@ -198,25 +211,17 @@ class Generator:
             tokens = torch.tensor(rows, dtype=torch.long, device=self.device)  # (B, T)
             slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)  # (B,)
             logits = self._forward(seqs, tokens, slots, lengths)  # (B, 1, V)
-            picked = sample_batch_scored(logits[:, -1, :], [s.sampler for s in seqs])
-        except BaseException:
+        except BaseException as e:
             for seq, tally in zip(seqs, tallies, strict=True):
                 self.release(seq)
                 seq.sparsity = tally
+            if isinstance(e, Exception):
+                raise StepFailed("prefill", committed=False, cause=e) from e
             raise
-        try:
-            events = [seq.append(token, logprob) for seq, (token, logprob) in zip(seqs, picked, strict=True)]
-        except BaseException:
-            for seq in seqs:
-                self.release(seq)
-            raise
-        for seq in seqs:
-            if seq.finished:
-                self.release(seq)
-        return events
+        return self._sample(seqs, logits, "prefill")
 
     @torch.inference_mode()
-    def decode_step(self, seqs: SequenceABC[Sequence]) -> list[GenerationEvent]:
+    def decode_step(self, seqs: SequenceABC[Sequence]) -> list[StepOutcome]:
         """One batched forward feeding each sequence its last token; returns one event per sequence.
 
         The sequences may be at different lengths: each row attends over its own slot's cache.
@@ -228,13 +233,39 @@ class Generator:
                 raise RuntimeError(f"sequence {seq.request_id!r} is not live (prefill it first)")
         tokens = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)  # (B,)
-        logits = self._forward(seqs, tokens, slots)  # (B, 1, V)
-        picked = sample_batch_scored(logits[:, -1, :], [s.sampler for s in seqs])
-        events = [seq.append(token, logprob) for seq, (token, logprob) in zip(seqs, picked, strict=True)]
+        try:
+            logits = self._forward(seqs, tokens, slots)  # (B, 1, V)
+        except Exception as e:  # the cache lengths and tallies advance only once the forward is done
+            raise StepFailed("decode", committed=False, cause=e) from e
+        return self._sample(seqs, logits, "decode")
+
+    def _sample(self, seqs: SequenceABC[Sequence], logits: torch.Tensor, kind: str) -> list[StepOutcome]:
+        """Sample each row's token after a committed forward and turn it into the row's outcome: its event,
+        or ``RequestFailed`` for a row that failed alone (its sequence ends, its slot is freed)."""
+        try:
+            picked = sample_batch_scored(logits[:, -1, :], [s.sampler for s in seqs])
+        except BaseException as e:
+            for seq in seqs:
+                self.release(seq)
+            if isinstance(e, Exception):
+                raise StepFailed(kind, committed=True, cause=e) from e
+            raise
+        outcomes: list[StepOutcome] = []
+        for seq, choice in zip(seqs, picked, strict=True):
+            if not isinstance(choice, Exception):
+                try:
+                    outcomes.append(seq.append(*choice))
+                    continue
+                except Exception as e:  # e.g. its detokenizer: this row's own failure
+                    choice = e
+            failure = RequestFailed(seq.request_id, f"{kind} failed for this request: {choice}")
+            failure.__cause__ = choice
+            seq.fail(failure)
+            outcomes.append(failure)
         for seq in seqs:
             if seq.finished:
                 self.release(seq)
-        return events
+        return outcomes
 
     def release(self, seq: Sequence) -> None:
         """Give ``seq``'s cache slot back (idempotent); a batcher calls this for cancelled requests."""
@@ -270,7 +301,8 @@ class Generator:
         try:
             yield self.prefill(seq)
             while not seq.finished:
-                yield from self.decode_step([seq])
+                (outcome,) = self.decode_step([seq])
+                yield _event(outcome)
         finally:
             self.release(seq)
 
@@ -304,15 +336,22 @@ class Generator:
         try:
             while waiting or running:
                 admitted = [waiting.popleft() for _ in range(min(len(waiting), self.free_slots))]
-                for seq, event in zip(admitted, self.prefill_batch(admitted), strict=True):
-                    events[seq.request_id].append(event)
+                for seq, outcome in zip(admitted, self.prefill_batch(admitted), strict=True):
+                    events[seq.request_id].append(_event(outcome))
                     if not seq.finished:
                         running.append(seq)
                 if running:
-                    for seq, event in zip(running, self.decode_step(running), strict=True):
-                        events[seq.request_id].append(event)
+                    for seq, outcome in zip(running, self.decode_step(running), strict=True):
+                        events[seq.request_id].append(_event(outcome))
                     running = [s for s in running if not s.finished]
         finally:
             for seq in seqs:
                 self.release(seq)
         return [GenerationResult.collect(ev, seq.seed) for ev, seq in zip(events, seqs, strict=True)]
+
+
+def _event(outcome: StepOutcome) -> GenerationEvent:
+    """A step's outcome for a caller that runs requests to completion: a failed request raises."""
+    if isinstance(outcome, RequestFailed):
+        raise outcome
+    return outcome

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from sparseinfer.engine.accounting import MODES, SparsityTally
+from sparseinfer.engine.errors import InvalidRequest
 from sparseinfer.engine.hybrid import TieredFFN, default_crossover, make_tier
 from sparseinfer.engine.placement import Placement, dense_bytes, neuron_bytes, plan_placement
 from sparseinfer.engine.sparse_ffn import Counts, LayerPredictor, SparseFFN, StepContext, StepState
@@ -25,9 +26,17 @@ from sparseinfer.sparsity.sidecar import PRODUCERS, Sidecar, SidecarError
 NEEDS = {"dense": (), "oracle": ("calibration",), "predicted": ("calibration", "predictor")}
 
 
+class ModeUnavailable(SidecarError, InvalidRequest):
+    """A request's sparsity mode needs a sidecar section this runtime lacks (the message says what to run)."""
+
+    def __init__(self, message: str) -> None:
+        InvalidRequest.__init__(self, "sparsity_mode", message, message)
+
+
 def validate_mode(mode: str, name: str = "sparsity mode") -> str:
     if mode not in MODES:
-        raise ValueError(f"{name} must be one of {', '.join(MODES)}, got {mode!r}")
+        detail = f"must be one of {', '.join(MODES)}, got {mode!r}"
+        raise InvalidRequest("sparsity_mode", detail, f"{name} {detail}")
     return mode
 
 
@@ -159,7 +168,7 @@ class SparseRuntime:
         missing = [s for s in NEEDS[mode] if not self._sections[s]]
         if missing:
             section = missing[0]
-            raise SidecarError(
+            raise ModeUnavailable(
                 f"sparsity mode {mode!r} needs the sparsity sidecar's {section} section"
                 + (f" in {self.sidecar_dir}" if self.sidecar_dir is not None else "")
                 + f"; run `{PRODUCERS[section]}` first"

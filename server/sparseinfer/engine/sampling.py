@@ -17,11 +17,14 @@ the token is chosen and only for requests that ask, so they never change tokens 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from sparseinfer.engine.errors import InvalidRequest
 
 
 @dataclass(frozen=True)
@@ -50,30 +53,41 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(self, max_new_tokens_limit: int | None = None) -> SamplingParams:
-        """Raise ``ValueError`` naming the offending field; return self so calls can be chained."""
+        """Raise ``InvalidRequest`` naming the offending field; return self so calls can be chained.
+
+        The one place the sampling rules live: the server maps ``InvalidRequest.field`` to the field's
+        path on the wire. Every value accepted here is computable by ``process_logits``.
+        """
+
+        def bad(name: str, detail: str) -> InvalidRequest:
+            return InvalidRequest(name, detail)
+
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise ValueError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
+            raise bad("max_new_tokens", f"must be an int, got {self.max_new_tokens!r}")
         if self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+            raise bad("max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         if max_new_tokens_limit is not None and self.max_new_tokens > max_new_tokens_limit:
-            raise ValueError(f"max_new_tokens must be <= {max_new_tokens_limit}, got {self.max_new_tokens}")
+            raise bad("max_new_tokens", f"must be <= {max_new_tokens_limit}, got {self.max_new_tokens}")
         # `not (x >= 0)` rather than `x < 0` so that NaN is rejected too.
-        if not (self.temperature >= 0.0) or self.temperature == float("inf"):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (self.temperature >= 0.0) or math.isinf(self.temperature):
+            raise bad("temperature", f"must be a finite number >= 0, got {self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+            raise bad("top_k", f"must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (self.repetition_penalty > 0.0) or self.repetition_penalty == float("inf"):
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+            raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not (self.repetition_penalty > 0.0) or math.isinf(self.repetition_penalty):
+            raise bad("repetition_penalty", f"must be a finite number > 0, got {self.repetition_penalty:g}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64
+        ):
+            raise bad("seed", f"must be an int in [0, 2**64) or None, got {self.seed!r}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
-            raise ValueError(f"stop must be a tuple of strings, got {self.stop!r}")
-        if any(s == "" for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+            raise bad("stop", f"must be a tuple of strings, got {self.stop!r}")
+        for i, stop in enumerate(self.stop):
+            if stop == "":
+                raise bad(f"stop[{i}]", "must be a non-empty string")
         if not isinstance(self.logprobs, bool):
-            raise ValueError(f"logprobs must be a bool, got {self.logprobs!r}")
+            raise bad("logprobs", f"must be a bool, got {self.logprobs!r}")
         return self
 
 
@@ -83,20 +97,23 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
     ``seen`` is a bool mask shaped like ``logits`` (tokens in prompt + output) or None when the penalty
     is off. Filtered entries become ``-inf``. With temperature 0 only the penalty applies (greedy argmax
     is invariant to the rest). Returns a new tensor; the input is not modified.
+
+    Every value ``SamplingParams.validate`` accepts is computable here, whatever fp32 can represent: the
+    penalty and temperature are clamped into fp32's normal range (a penalty or temperature beyond it gives
+    the same order and, to fp32 precision, the same distribution), and every intermediate is clamped to
+    ±fp32 max, so finite logits stay finite: no +inf, no NaN, and a row keeps at least one finite entry
+    (top-k and top-p always keep the most likely token).
     """
     out = logits.float()
-    # A tiny temperature or penalty is valid yet can overflow finite logits to +inf (or, below fp32's
-    # smallest normal, turn into a division by zero), and softmax of a row holding +inf is NaN. Clamping
-    # to fp32's largest finite value keeps the order; the overflowed leaders share the draw.
     top, tiny = torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny
     if params.repetition_penalty != 1.0 and seen is not None:
-        penalty = max(params.repetition_penalty, tiny)
+        penalty = min(max(params.repetition_penalty, tiny), top)
         penalized = torch.where(out < 0, out * penalty, out / penalty)
-        out = torch.where(seen, penalized, out).clamp(max=top)
+        out = torch.where(seen, penalized, out).clamp(-top, top)
     if params.greedy:
         return out if out is not logits else out.clone()
     if params.temperature != 1.0:
-        out = (out / max(params.temperature, tiny)).clamp(max=top)
+        out = (out / min(max(params.temperature, tiny), top)).clamp(-top, top)
     if 0 < params.top_k < out.shape[-1]:
         # Keep everything tied with the k-th largest, as HF does, so the result does not depend on sort order.
         kth = torch.topk(out, params.top_k, dim=-1).values[..., -1:]
@@ -186,22 +203,36 @@ def token_logprob(row: torch.Tensor, token: int) -> float:
     return float(torch.log_softmax(row.float(), dim=-1)[token])
 
 
+class UnsampleableRow(ValueError):
+    """A row of logits no distribution can be drawn from: it holds NaN or +inf, or no finite entry."""
+
+
 def sample_batch(logits: torch.Tensor, samplers: Sequence[RequestSampler]) -> list[int]:
-    """Next token for each row of ``logits`` ``(B, V)``, row b using ``samplers[b]``."""
-    return [token for token, _ in sample_batch_scored(logits, samplers)]
+    """Next token for each row of ``logits`` ``(B, V)``, row b using ``samplers[b]``; raises the first row's
+    failure if any row fails."""
+    tokens = []
+    for picked in sample_batch_scored(logits, samplers):
+        if isinstance(picked, Exception):
+            raise picked
+        tokens.append(picked[0])
+    return tokens
 
 
 def sample_batch_scored(
     logits: torch.Tensor, samplers: Sequence[RequestSampler]
-) -> list[tuple[int, float | None]]:
+) -> list[tuple[int, float | None] | Exception]:
     """(token, log-probability or None) for each row of ``logits`` ``(B, V)``, row b using ``samplers[b]``.
 
     Plain greedy rows share one batched argmax; every other row is processed alone with its own params
     and RNG, so no row's result depends on the others. A log-probability is computed from its own row
-    only, and only for a request that asked for it.
+    only, and only for a request that asked for it. A row that cannot be sampled (``UnsampleableRow``),
+    or whose sampler raises, gets the exception in its place; the other rows are unaffected.
     """
     if logits.dim() != 2 or logits.shape[0] != len(samplers):
         raise ValueError(f"expected logits (B={len(samplers)}, V), got {tuple(logits.shape)}")
+    # One reduction and one host sync for the whole batch: a NaN or +inf anywhere in a row, or no finite
+    # value at all, and no distribution can be drawn from it.
+    sane = (~(logits.isnan() | logits.isposinf()).any(-1) & logits.isfinite().any(-1)).tolist()  # (B,)
     tokens = [0] * len(samplers)
     plain = [b for b, s in enumerate(samplers) if not s.needs_processing]
     if plain:
@@ -210,12 +241,18 @@ def sample_batch_scored(
             picked = logits.argmax(dim=-1).tolist()
         for b, token in zip(plain, picked, strict=True):
             tokens[b] = token
-    scored: list[tuple[int, float | None]] = []
+    scored: list[tuple[int, float | None] | Exception] = []
     for b, sampler in enumerate(samplers):
-        if sampler.needs_processing:
-            scored.append(sampler.pick(logits[b]))
-        elif sampler.params.logprobs:  # plain greedy: the processed logits are the raw ones
-            scored.append((tokens[b], token_logprob(logits[b], tokens[b])))
-        else:
-            scored.append((tokens[b], None))
+        if not sane[b]:
+            scored.append(UnsampleableRow("the model's logits for this request are not finite"))
+            continue
+        try:
+            if sampler.needs_processing:
+                scored.append(sampler.pick(logits[b]))
+            elif sampler.params.logprobs:  # plain greedy: the processed logits are the raw ones
+                scored.append((tokens[b], token_logprob(logits[b], tokens[b])))
+            else:
+                scored.append((tokens[b], None))
+        except Exception as e:  # this row's own failure: it must not take its batch-mates with it
+            scored.append(e)
     return scored

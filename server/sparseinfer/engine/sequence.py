@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from sparseinfer.engine.accounting import SparsityTally
+from sparseinfer.engine.errors import RequestFailed
 from sparseinfer.engine.sampling import RequestSampler, SamplingParams
 
 FinishReason = Literal["length", "eos", "stop"]
@@ -67,6 +68,10 @@ class GenerationEvent:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+# What one step gives each of its sequences: the sequence's event, or its own failure (see engine.errors).
+StepOutcome = GenerationEvent | RequestFailed
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,7 @@ class Sequence:
         self.output_ids: list[int] = []
         self.slot: int | None = None  # KV-cache slot while the sequence holds one
         self.finish_reason: FinishReason | None = None
+        self.error: RequestFailed | None = None  # set when the request failed inside a step (``fail``)
         self._decoder = decoder
         self._eos = frozenset() if params.ignore_eos else eos_token_ids
         self._stop = StopMatcher(params.stop)
@@ -181,7 +187,12 @@ class Sequence:
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        """Ended, one way or the other: a finish reason, or a failure (``error``)."""
+        return self.finish_reason is not None or self.error is not None
+
+    def fail(self, error: RequestFailed) -> None:
+        """End this sequence with ``error`` (a step failed for it alone); it takes no more tokens."""
+        self.error = error
 
     @property
     def prefilled(self) -> bool:
