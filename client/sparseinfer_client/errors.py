@@ -31,7 +31,8 @@ class ValidationError(SparseInferError, ValueError):
 
 
 class OverloadedError(SparseInferError):
-    """RESOURCE_EXHAUSTED: the server's queue is full (or a token limit is hit); retry later."""
+    """RESOURCE_EXHAUSTED: the server's queue is full; retry later. (gRPC also answers it for a request
+    message over the server's ``ModelInfo.limits.max_message_bytes``, which no retry can fix.)"""
 
     default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

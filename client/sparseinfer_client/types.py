@@ -121,6 +121,7 @@ class Limits:
     max_stop_sequences: int
     max_stop_sequence_length: int
     max_message_bytes: int
+    max_prompt_bytes: int  # longest text prompt in UTF-8 bytes; longer ones are refused before tokenizing
 
 
 @dataclass(frozen=True)

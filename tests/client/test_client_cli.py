@@ -88,7 +88,9 @@ def installed_script(name):
     Only what that install creates may be relied on: not PATH, not a path on a developer's machine.
     """
     exe = Path(sys.executable).with_name(name)
-    assert exe.is_file(), f"{name} is not installed beside {sys.executable}: install ./client as the README says"
+    assert exe.is_file(), (
+        f"{name} is not installed beside {sys.executable}: install ./client as the README says"
+    )
     return str(exe)
 
 

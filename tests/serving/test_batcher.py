@@ -15,6 +15,7 @@ import time
 import pytest
 
 from sparseinfer.engine.accounting import SparsityTally
+from sparseinfer.engine.errors import InvalidRequest, StepFailed
 from sparseinfer.engine.sampling import SamplingParams
 from sparseinfer.engine.sequence import Sequence
 from sparseinfer.serving.batcher import Batcher
@@ -42,6 +43,8 @@ class Decoder:
 
 
 class FakeEngine:
+    max_bytes_per_token = 4  # a token per character, of at most 4 UTF-8 bytes
+
     def __init__(self, slots: int = 4, max_seq: int = 128, step_s: float = 0.002) -> None:
         self.max_seq = max_seq
         self._free = list(range(slots))
@@ -51,20 +54,27 @@ class FakeEngine:
         self.fail_prefill: set = set()
         self.fail_decode: set = set()  # rids whose decode raises inside the "forward"
         self.lock = threading.Lock()
+        self.gate = threading.Event()  # every prefill waits for it (once logged): clear it to hold the engine
+        self.gate.set()
 
     @property
     def free_slots(self):
         return len(self._free)
 
+    def encode(self, text):
+        return [ord(c) % VOCAB for c in text]
+
     def start(self, prompt, params, request_id=None, sparsity_mode=None):
         params.validate()
-        ids = [ord(c) % VOCAB for c in prompt] if isinstance(prompt, str) else list(prompt)
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
-            raise ValueError("prompt must contain at least one token")
+            raise InvalidRequest("prompt", "must contain at least one token")
         if len(ids) + params.max_new_tokens > self.max_seq:
-            raise ValueError(f"max_new_tokens={params.max_new_tokens} plus the prompt exceeds the context")
+            raise InvalidRequest(
+                "max_new_tokens", f"={params.max_new_tokens} plus the prompt exceeds the context"
+            )
         if sparsity_mode not in (None, "dense"):
-            raise ValueError(f"sparsity mode {sparsity_mode!r} needs sparse execution")
+            raise InvalidRequest("sparsity_mode", f"{sparsity_mode!r} needs sparse execution")
         return Sequence(ids, params, Decoder(), frozenset({1}), request_id, sparsity=SparsityTally())
 
     def _token(self, seq):
@@ -73,8 +83,9 @@ class FakeEngine:
     def prefill_batch(self, seqs):
         """All or nothing, like the real engine: a failure leaves every slot free."""
         self.log.append(("prefill", tuple(s.request_id for s in seqs)))
+        self.gate.wait()
         if any(s.request_id in self.fail_prefill for s in seqs):
-            raise RuntimeError("injected prefill failure")
+            raise StepFailed("prefill", False, RuntimeError("injected prefill failure"))
         assert len(seqs) <= len(self._free)
         time.sleep(self.step_s)
         events = []
@@ -92,7 +103,7 @@ class FakeEngine:
         for s in seqs:
             assert s.slot is not None and not s.finished
         if any(s.request_id in self.fail_decode for s in seqs):
-            raise RuntimeError("injected decode failure")  # before the "forward" commits anything
+            raise StepFailed("decode", False, RuntimeError("injected decode failure"))  # nothing committed
         time.sleep(self.step_s)
         events = []
         for s in seqs:
@@ -147,9 +158,9 @@ def make_batcher():
 def test_requests_join_and_leave_between_steps(make_batcher):
     async def main():
         b, engine = make_batcher()
-        long = b.submit(request("long", n=30, seed=3))
+        long = await b.submit(request("long", n=30, seed=3))
         await asyncio.sleep(0.02)  # "long" is decoding alone by now
-        shorts = [b.submit(request(f"s{i}", n=6, seed=10 + i)) for i in range(3)]
+        shorts = [await b.submit(request(f"s{i}", n=6, seed=10 + i)) for i in range(3)]
         results = await asyncio.gather(collect(long), *(collect(t) for t in shorts))
         for (tokens, final), seed, n in zip(results, [3, 10, 11, 12], [30, 6, 6, 6], strict=True):
             assert tokens == [expected_token(seed, p) for p in range(n)]
@@ -170,10 +181,14 @@ def test_full_queue_is_refused_at_once(make_batcher):
     async def main():
         engine = FakeEngine(slots=1, step_s=0.01)
         b, _ = make_batcher(engine, max_batch_size=1, max_queue=2)
-        tickets = [b.submit(request(f"r{i}", n=20)) for i in range(2)]
+        tickets = [await b.submit(request("running", n=40))]
+        while engine.free_slots:  # it holds the only slot: the next two wait in the queue
+            await asyncio.sleep(0.001)
+        tickets += [await b.submit(request(f"r{i}", n=20)) for i in range(2)]
+        assert b.queued == 2
         t0 = time.perf_counter()
         with pytest.raises(ServingError) as err:
-            b.submit(request("one-too-many"))
+            await b.submit(request("one-too-many"))
         assert err.value.kind is ErrorKind.OVERLOADED and time.perf_counter() - t0 < 0.05
         for t in tickets:
             t.cancel()
@@ -184,8 +199,8 @@ def test_full_queue_is_refused_at_once(make_batcher):
 def test_cancel_frees_the_slot_within_one_step(make_batcher):
     async def main():
         b, engine = make_batcher(FakeEngine(step_s=0.005))
-        keep = b.submit(request("keep", n=40))
-        gone = b.submit(request("gone", n=40))
+        keep = await b.submit(request("keep", n=40))
+        gone = await b.submit(request("gone", n=40))
         seen = 0
         async for item in gone:
             seen += len(item.token_ids)
@@ -206,7 +221,7 @@ def test_cancel_frees_the_slot_within_one_step(make_batcher):
 def test_deadline_stops_work(make_batcher):
     async def main():
         b, engine = make_batcher(FakeEngine(step_s=0.005))
-        t = b.submit(request("late", n=60, deadline=time.monotonic() + 0.05))
+        t = await b.submit(request("late", n=60, deadline=time.monotonic() + 0.05))
         with pytest.raises(ServingError) as err:
             await collect(t)
         assert err.value.kind is ErrorKind.DEADLINE
@@ -220,10 +235,10 @@ def test_engine_failures_fail_only_the_affected_request(make_batcher):
     async def main():
         b, engine = make_batcher()
         engine.fail_prefill.add("bad-prefill")
-        ok1 = b.submit(request("ok1", n=8, seed=1))
-        bad1 = b.submit(request("bad-prefill", n=8))
-        ok2 = b.submit(request("ok2", n=8, seed=2))
-        bad2 = b.submit(request("bad-decode", n=8))
+        ok1 = await b.submit(request("ok1", n=8, seed=1))
+        bad1 = await b.submit(request("bad-prefill", n=8))
+        ok2 = await b.submit(request("ok2", n=8, seed=2))
+        bad2 = await b.submit(request("bad-decode", n=8))
         engine.fail_decode.add("bad-decode")
         results = await asyncio.gather(*(collect(t) for t in (ok1, bad1, ok2, bad2)), return_exceptions=True)
         assert results[0][0] == [expected_token(1, p) for p in range(8)]
@@ -231,7 +246,7 @@ def test_engine_failures_fail_only_the_affected_request(make_batcher):
         for r in (results[1], results[3]):
             assert isinstance(r, ServingError) and r.kind is ErrorKind.INTERNAL
         # Serving continues, and every slot came back.
-        tokens, _ = await collect(b.submit(request("after", n=3, seed=4)))
+        tokens, _ = await collect(await b.submit(request("after", n=3, seed=4)))
         assert tokens == [expected_token(4, p) for p in range(3)]
         assert engine.free_slots == 4
 
@@ -253,7 +268,7 @@ def test_invalid_requests_name_the_field(make_batcher, req, limits, field):
     async def main():
         b, _ = make_batcher(**limits)
         with pytest.raises(ServingError) as err:
-            b.submit(req)
+            await b.submit(req)
         assert err.value.kind is ErrorKind.INVALID and err.value.field == field
 
     asyncio.run(main())
@@ -262,10 +277,10 @@ def test_invalid_requests_name_the_field(make_batcher, req, limits, field):
 def test_close_finishes_running_then_cancels_past_grace(make_batcher):
     async def main():
         b, _ = make_batcher(FakeEngine(slots=1, step_s=0.005), max_batch_size=1)
-        tokens, _ = await collect(b.submit(request("quick", n=3, seed=5)))
+        tokens, _ = await collect(await b.submit(request("quick", n=3, seed=5)))
         assert tokens == [expected_token(5, p) for p in range(3)]
-        slow = b.submit(request("slow", n=60))
-        waiting = b.submit(request("waiting", n=3))
+        slow = await b.submit(request("slow", n=60))
+        waiting = await b.submit(request("waiting", n=3))
         await asyncio.sleep(0.03)
         t0 = time.monotonic()
         await asyncio.to_thread(b.close, 0.02, 5)
@@ -276,7 +291,7 @@ def test_close_finishes_running_then_cancels_past_grace(make_batcher):
             await collect(waiting)
         assert err.value.kind is ErrorKind.UNAVAILABLE
         with pytest.raises(ServingError) as err:
-            b.submit(request("late"))
+            await b.submit(request("late"))
         assert err.value.kind is ErrorKind.UNAVAILABLE
 
     asyncio.run(main())
@@ -285,7 +300,7 @@ def test_close_finishes_running_then_cancels_past_grace(make_batcher):
 def test_close_returns_as_soon_as_the_drain_is_done(make_batcher):
     async def main():
         b, _ = make_batcher(FakeEngine(step_s=0.005))
-        ticket = b.submit(request("drain", n=10, seed=6))
+        ticket = await b.submit(request("drain", n=10, seed=6))
         await asyncio.sleep(0.01)
         t0 = time.monotonic()
         await asyncio.to_thread(b.close, 30.0, 10)
@@ -300,7 +315,7 @@ def test_token_budget_holds_requests_back_in_order(make_batcher):
     async def main():
         # Each request reserves 5 prompt + 15 new = 20 tokens; a budget of 30 admits one at a time.
         b, engine = make_batcher(FakeEngine(step_s=0.001), max_total_tokens=30)
-        tickets = [b.submit(request(f"t{i}", n=15, seed=i)) for i in range(3)]
+        tickets = [await b.submit(request(f"t{i}", n=15, seed=i)) for i in range(3)]
         results = await asyncio.gather(*(collect(t) for t in tickets))
         for i, (tokens, _) in enumerate(results):
             assert tokens == [expected_token(i, p) for p in range(15)]
@@ -317,8 +332,12 @@ def test_a_burst_is_prefilled_together_within_the_prefill_token_cap(make_batcher
         b, _ = make_batcher(engine, max_prefill_tokens=12)
         # The blocker (8 tokens: too long to share a prefill under the cap) busies the engine while the
         # burst arrives.
-        blocker = b.submit(request("blocker", n=1, seed=9, prompt="x" * 8))
-        tickets = [b.submit(request(f"r{i}", n=4, seed=i)) for i in range(4)]
+        engine.gate.clear()
+        blocker = await b.submit(request("blocker", n=1, seed=9, prompt="x" * 8))
+        while not engine.log:  # the blocker's prefill has begun, alone: the rest arrive while it runs
+            await asyncio.sleep(0.001)
+        tickets = [await b.submit(request(f"r{i}", n=4, seed=i)) for i in range(4)]
+        engine.gate.set()
         results = await asyncio.gather(collect(blocker), *(collect(t) for t in tickets))
         for i, (tokens, final) in enumerate(results[1:]):
             assert tokens == [expected_token(i, p) for p in range(4)]
@@ -335,8 +354,12 @@ def test_a_failed_batched_prefill_is_retried_one_by_one(make_batcher):
         engine = FakeEngine(step_s=0.005)
         b, _ = make_batcher(engine)
         engine.fail_prefill.add("bad")
-        blocker = b.submit(request("blocker", n=1, seed=9))
-        tickets = [b.submit(request(rid, n=3, seed=i)) for i, rid in enumerate(("a", "bad", "c"))]
+        engine.gate.clear()
+        blocker = await b.submit(request("blocker", n=1, seed=9))
+        while not engine.log:  # the blocker's prefill has begun, alone: the rest arrive while it runs
+            await asyncio.sleep(0.001)
+        tickets = [await b.submit(request(rid, n=3, seed=i)) for i, rid in enumerate(("a", "bad", "c"))]
+        engine.gate.set()
         results = await asyncio.gather(
             collect(blocker), *(collect(t) for t in tickets), return_exceptions=True
         )
@@ -356,8 +379,8 @@ def test_a_failed_batched_prefill_is_retried_one_by_one(make_batcher):
 def test_a_unary_request_gets_all_its_tokens_with_the_completion_alone(make_batcher):
     async def main():
         b, _ = make_batcher(FakeEngine(step_s=0.002))
-        streamed = b.submit(request("streamed", n=6, seed=7))
-        unary = b.submit(request("unary", n=6, seed=7, stream=False))
+        streamed = await b.submit(request("streamed", n=6, seed=7))
+        unary = await b.submit(request("unary", n=6, seed=7, stream=False))
         items = [item async for item in unary]
         assert len(items) == 1 and isinstance(items[0], Completion)  # one wake-up, not one per token
         final = items[0]
@@ -373,7 +396,7 @@ def test_a_unary_request_gets_all_its_tokens_with_the_completion_alone(make_batc
 def test_a_unary_request_cut_at_shutdown_keeps_its_tokens(make_batcher):
     async def main():
         b, _ = make_batcher(FakeEngine(slots=1, step_s=0.005), max_batch_size=1)
-        ticket = b.submit(request("slow", n=60, seed=3, stream=False))
+        ticket = await b.submit(request("slow", n=60, seed=3, stream=False))
         await asyncio.sleep(0.05)
         await asyncio.to_thread(b.close, 0.0, 5)
         items = [item async for item in ticket]
@@ -388,7 +411,7 @@ def test_a_unary_request_cut_at_shutdown_keeps_its_tokens(make_batcher):
 def test_a_stream_interval_sends_the_first_token_then_every_n_tokens(make_batcher):
     async def main():
         b, _ = make_batcher(FakeEngine(step_s=0.002))
-        ticket = b.submit(request("chunked", n=9, seed=5, interval=3))
+        ticket = await b.submit(request("chunked", n=9, seed=5, interval=3))
         items = [item async for item in ticket]
         chunks, final = items[:-1], items[-1]
         # Tokens 1, 2-4, 5-7 as chunks; 8 is held and goes with the completion, which carries 9.
@@ -400,7 +423,7 @@ def test_a_stream_interval_sends_the_first_token_then_every_n_tokens(make_batche
         expected = [expected_token(5, p) for p in range(9)]
         assert [t for c in chunks for t in c.token_ids] + list(final.last.token_ids) == expected
         assert "".join(c.text for c in chunks) + final.last.text == "".join(f"<{t}>" for t in expected)
-        tokens, _ = await collect(b.submit(request("each", n=9, seed=5)))  # interval 1: the same tokens
+        tokens, _ = await collect(await b.submit(request("each", n=9, seed=5)))  # interval 1: the same tokens
         assert tokens == expected
 
     asyncio.run(main())
@@ -409,7 +432,7 @@ def test_a_stream_interval_sends_the_first_token_then_every_n_tokens(make_batche
 def test_a_chunked_stream_gets_its_held_tokens_before_an_error(make_batcher):
     async def main():
         b, _ = make_batcher(FakeEngine(step_s=0.005))
-        ticket = b.submit(request("late", n=60, seed=6, deadline=time.monotonic() + 0.05, interval=100))
+        ticket = await b.submit(request("late", n=60, seed=6, deadline=time.monotonic() + 0.05, interval=100))
         got = []
         with pytest.raises(ServingError) as err:
             async for item in ticket:

@@ -12,8 +12,9 @@ import time
 
 import grpc
 import pytest
-from serving_helpers import idle, slow_engine, wait_until
+from serving_helpers import idle, slow_engine, spawned_server, wait_until
 
+from sparseinfer.engine.errors import StepFailed
 from sparseinfer.serving.config import Limits
 from sparseinfer_client import (
     NO_RETRY,
@@ -77,9 +78,9 @@ def test_engine_exception_fails_only_that_request(server):
     engine = server.batcher.engine
     original = engine.prefill_batch
 
-    def flaky(seqs):
+    def flaky(seqs):  # fails the way the engine's forward does: typed, nothing committed
         if any(seq.request_id == "boom" for seq in seqs):
-            raise RuntimeError("injected engine failure")
+            raise StepFailed("prefill", False, RuntimeError("injected engine failure"))
         return original(seqs)
 
     engine.prefill_batch = flaky
@@ -215,3 +216,25 @@ def test_keepalive_pings_do_not_kill_a_long_silent_generation(server):
     with grpc.insecure_channel(server.address, options=options) as channel, slow_engine(server, 0.05):
         response = pb_grpc.SparseInferStub(channel).Generate(request, timeout=30)
     assert response.usage.generated_tokens == 50 and response.timings.total_s > 2.0
+
+
+def test_a_second_sigterm_while_draining_exits_promptly(tiny_llama_checkpoint):
+    """The first SIGTERM drains; a second one ends the drain at once: running streams end with finish reason
+    CANCELLED and what they generated, and the process exits with 128 + SIGTERM after saying so in its log."""
+    with spawned_server(tiny_llama_checkpoint, "--grace-period", "60") as server:
+        with Client(server.address, retry=NO_RETRY, timeout=60) as c:
+            streams = [c.generate_stream(f"drain {i}", max_new_tokens=200, ignore_eos=True) for i in range(6)]
+            chunks = [[next(s)] for s in streams]
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+            server.proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            for got, s in zip(chunks, streams, strict=True):
+                got.extend(s)
+            assert server.proc.wait(timeout=10) == 128 + signal.SIGTERM
+            assert time.monotonic() - t0 < 5.0
+        logs = server.logs()
+    assert all(
+        got[-1].finish_reason == "cancelled" and got[-1].usage.generated_tokens < 200 for got in chunks
+    )
+    assert '"message": "second stop signal while draining' in logs and '"message": "stopped"' in logs

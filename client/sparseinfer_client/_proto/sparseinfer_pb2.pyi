@@ -268,7 +268,7 @@ class Placement(_message.Message):
     def __init__(self, hot_device: _Optional[str] = ..., cold_device: _Optional[str] = ..., hot_neurons_per_layer: _Optional[_Iterable[int]] = ..., hot_ffn_bytes: _Optional[int] = ..., cold_ffn_bytes: _Optional[int] = ..., expected_hot_share: _Optional[float] = ..., gpu_memory_budget_bytes: _Optional[int] = ..., gpu_memory_used_bytes: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_batch_size", "max_queued_requests", "max_total_tokens", "max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_stop_sequences", "max_stop_sequence_length", "max_message_bytes")
+    __slots__ = ("max_batch_size", "max_queued_requests", "max_total_tokens", "max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_stop_sequences", "max_stop_sequence_length", "max_message_bytes", "max_prompt_bytes")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +278,7 @@ class Limits(_message.Message):
     MAX_STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_queued_requests: int
     max_total_tokens: int
@@ -287,4 +288,5 @@ class Limits(_message.Message):
     max_stop_sequences: int
     max_stop_sequence_length: int
     max_message_bytes: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    max_prompt_bytes: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_prompt_bytes: _Optional[int] = ...) -> None: ...

@@ -9,6 +9,7 @@ post-processor does not add it already.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,6 +80,39 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    @functools.cached_property
+    def max_bytes_per_token(self) -> int:
+        """An upper bound on the UTF-8 bytes of input text one token stands for, so that a text of more
+        than ``n * max_bytes_per_token`` bytes surely has more than ``n`` tokens (the server refuses such a
+        prompt before tokenizing it).
+
+        Every input byte appears in some token's vocabulary string, as itself or spelt longer (byte-level
+        BPE writes a byte as one or two characters, SentencePiece a space as "▁" and byte fallback as
+        "<0xAB>"), so the longest vocabulary string bounds it, unless a normalizer can shorten the text
+        first (Unicode composition, case folding...): then a factor of 4 covers the worst composition.
+        """
+        longest = max(len(piece.encode("utf-8")) for piece in self._tok.get_vocab(with_added_tokens=True))
+        return max(1, longest) * (1 if _normalizer_keeps_length(self._tok) else 4)
+
+
+def _normalizer_keeps_length(tok: HFTokenizer) -> bool:
+    """Whether the tokenizer's normalizer never makes a text shorter (none, Prepend, or Replace with content
+    at least as long as its pattern, alone or in a Sequence)."""
+    normalizer = json.loads(tok.to_str()).get("normalizer")
+
+    def keeps(n: Any) -> bool:
+        if n is None or n.get("type") == "Prepend":
+            return True
+        if n.get("type") == "Sequence":
+            return all(keeps(x) for x in n.get("normalizers", []))
+        if n.get("type") == "Replace":
+            pattern = n.get("pattern", {})
+            literal = pattern.get("String") if isinstance(pattern, dict) else None
+            return literal is not None and len(n.get("content", "").encode()) >= len(literal.encode())
+        return False
+
+    return keeps(normalizer)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -1,7 +1,8 @@
 """Continuous batching over the engine's step API, on one dedicated engine thread.
 
-The asyncio side calls ``Batcher.submit`` (validation and tokenization only, no torch work) and iterates the
-returned ``Ticket``; everything that touches the model runs on the engine thread, which loops:
+The asyncio side awaits ``Batcher.submit`` (validation on the loop; tokenization on a worker thread; no torch
+work) and iterates the returned ``Ticket``; everything that touches the model runs on the engine thread,
+which loops:
 
 1. take new requests from a thread-safe inbox (blocking only when there is nothing to do);
 2. drop requests that were cancelled or whose deadline passed, releasing their KV-cache slot at once, so a
@@ -21,29 +22,31 @@ Batch independence: each row of a step computes only its own tokens with its own
 guarantees, see ``engine.sampling`` and ``engine.sparse_ffn``), so the batcher never reorders work in a way
 that changes a request's tokens.
 
-Failures: a prefill that raises is retried one request at a time (the engine leaves slots and tallies as
-they were), and only the requests that fail alone are failed. A decode step that raises before the model
-forward completed (no row's sparsity tally advanced, so no cache position was committed) is retried row by
-row and only the rows that fail alone are failed; if it raised later, the step's rows are in an unknown
-state and all of them fail. Either way the loop keeps serving.
+Failures (``engine.errors``): a request that fails inside a step (its logits were not finite, its sampler
+raised) comes back as its own ``RequestFailed`` and fails alone, INTERNAL; its batch-mates go on. A step
+that raises ``StepFailed`` before its forward committed (slots, cache and tallies as they were) is retried
+one request at a time, and only the requests that fail alone are failed; one that failed after its forward
+committed leaves its rows in an unknown state and all of them fail. Either way the loop keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
 
+from sparseinfer.engine.errors import InvalidRequest, RequestFailed, StepFailed
 from sparseinfer.engine.sampling import SamplingParams
-from sparseinfer.engine.sequence import GenerationEvent
+from sparseinfer.engine.sequence import GenerationEvent, StepOutcome
 from sparseinfer.engine.sequence import Sequence as EngineSequence
 from sparseinfer.serving.config import Limits
 from sparseinfer.serving.engine_thread import EngineThread
@@ -60,21 +63,22 @@ from sparseinfer.serving.requests import (
 
 log = logging.getLogger("sparseinfer.serving.batcher")
 
-_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop")
-
 
 class Engine(Protocol):
     """The step API of ``sparseinfer.engine.generate.Generator`` that the batcher drives."""
 
     max_seq: int
+    max_bytes_per_token: int  # no token stands for more bytes of text (bounds a prompt before tokenizing)
+
+    def encode(self, text: str) -> list[int]: ...
 
     def start(
         self, prompt: Any, params: SamplingParams, request_id: Any = None, sparsity_mode: str | None = None
     ) -> EngineSequence: ...
 
-    def prefill_batch(self, seqs: Sequence[EngineSequence]) -> list[GenerationEvent]: ...
+    def prefill_batch(self, seqs: Sequence[EngineSequence]) -> list[StepOutcome]: ...
 
-    def decode_step(self, seqs: Sequence[EngineSequence]) -> list[GenerationEvent]: ...
+    def decode_step(self, seqs: Sequence[EngineSequence]) -> list[StepOutcome]: ...
 
     def release(self, seq: EngineSequence) -> None: ...
 
@@ -174,6 +178,12 @@ class Batcher:
         self._thread = thread if thread is not None else EngineThread()
         self._loop_done: Future[None] | None = None
         self._stop_at: float | None = None
+        self.max_prompt_tokens = limits.prompt_tokens(engine.max_seq)
+        # A text longer than this cannot tokenize into max_prompt_tokens: refused before any tokenizing.
+        self.max_prompt_bytes = limits.prompt_bytes(engine.max_seq, engine.max_bytes_per_token)
+        self.max_request_bytes = limits.request_bytes(engine.max_seq, engine.max_bytes_per_token)
+        # Tokenizing (and the prompt's detokenizer context) is request-sized CPU work: never on the loop.
+        self._prepare = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sparseinfer-prepare")
         # Engine-thread state.
         self._waiting: deque[_Entry] = deque()
         self._running: list[_Entry] = []
@@ -190,40 +200,79 @@ class Batcher:
     def queued(self) -> int:
         return self._queued
 
-    def submit(self, request: BatchRequest) -> Ticket:
-        """Validate and enqueue ``request`` (call on the event loop); raises ``ServingError`` at once when it
-        is invalid (INVALID), the queue is full (OVERLOADED) or the server is draining (UNAVAILABLE)."""
-        lim = self.limits
-        if request.params.max_new_tokens > lim.max_new_tokens:
-            raise ServingError.invalid(
-                "max_new_tokens", f"must be <= {lim.max_new_tokens}, got {request.params.max_new_tokens}"
+    @property
+    def in_flight(self) -> int:
+        """Requests accepted and not yet ended: queued (or being tokenized) and running."""
+        return self._queued + len(self._running)
+
+    async def submit(self, request: BatchRequest) -> Ticket:
+        """Validate and enqueue ``request`` (call on the event loop); raises ``ServingError`` when it is
+        invalid (INVALID), the queue is full (OVERLOADED) or the server is draining (UNAVAILABLE).
+
+        The cheap checks run first, on the loop: a text prompt longer than ``max_prompt_bytes`` is refused by
+        its length alone, and a full queue answers before any work is spent on the request. Tokenizing runs
+        on a worker thread (``prepare``), so one large prompt never stalls other streams or health checks."""
+        if isinstance(request.prompt, str):
+            # A character is at least one byte: a text with too many characters is refused uncopied.
+            text = request.prompt
+            size = (
+                len(text) if len(text) > self.max_prompt_bytes else len(text.encode("utf-8", "surrogatepass"))
             )
+            if size > self.max_prompt_bytes:
+                raise ServingError.invalid(
+                    "prompt",
+                    f"has {size} bytes of text, the limit is {self.max_prompt_bytes} "
+                    f"({self.max_prompt_tokens} tokens of at most "
+                    f"{self.max_prompt_bytes // max(self.max_prompt_tokens, 1)} bytes each)",
+                )
+        self._claim_queue_place()
         try:
-            seq = self.engine.start(request.prompt, request.params, request.request_id, request.sparsity_mode)
-        except ValueError as e:  # the engine names the field in its message; find which one it is
-            raise ServingError.invalid(_field_of(str(e)), str(e)) from None
-        n = len(seq.prompt_ids)
-        max_prompt = lim.max_prompt_tokens if lim.max_prompt_tokens is not None else self.engine.max_seq - 1
-        if n > max_prompt:
-            raise ServingError.invalid("prompt", f"has {n} tokens, the limit is {max_prompt}")
-        need = n + request.params.max_new_tokens
-        if lim.max_total_tokens is not None and need > lim.max_total_tokens:
-            raise ServingError.invalid(
-                "max_new_tokens",
-                f"prompt ({n}) + max_new_tokens ({request.params.max_new_tokens}) exceeds the server's "
-                f"token budget {lim.max_total_tokens}",
-            )
+            seq = await asyncio.get_running_loop().run_in_executor(self._prepare, self.prepare, request)
+        except BaseException:
+            self._dequeue()
+            raise
         ticket = Ticket(self, request, seq)
+        self._inbox.put(_Entry(ticket))
+        return ticket
+
+    def _claim_queue_place(self) -> None:
         with self._lock:
             if not self._accepting:
                 raise ServingError(ErrorKind.UNAVAILABLE, "the server is shutting down")
-            if self._queued >= lim.max_queue:
+            if self._queued >= self.limits.max_queue:
                 raise ServingError(
-                    ErrorKind.OVERLOADED, f"the request queue is full ({lim.max_queue} waiting); retry later"
+                    ErrorKind.OVERLOADED,
+                    f"the request queue is full ({self.limits.max_queue} waiting); retry later",
                 )
             self._queued += 1
-        self._inbox.put(_Entry(ticket))
-        return ticket
+
+    def prepare(self, request: BatchRequest) -> EngineSequence:
+        """Tokenize ``request`` and check it against the limits: the engine's ``Sequence`` for it, or
+        ``ServingError`` (INVALID). Thread-safe; touches no model state."""
+        lim = self.limits
+        params = request.params
+        if params.max_new_tokens > lim.max_new_tokens:
+            raise ServingError.invalid(
+                "max_new_tokens", f"must be <= {lim.max_new_tokens}, got {params.max_new_tokens}"
+            )
+        ids = self.engine.encode(request.prompt) if isinstance(request.prompt, str) else list(request.prompt)
+        n = len(ids)
+        if n > self.max_prompt_tokens:
+            raise ServingError.invalid("prompt", f"has {n} tokens, the limit is {self.max_prompt_tokens}")
+        if request.default_max_new_tokens:  # the caller left it to us: as many as fit, up to the default
+            fits = max(1, self.engine.max_seq - n)
+            params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, fits))
+        need = n + params.max_new_tokens
+        if lim.max_total_tokens is not None and need > lim.max_total_tokens:
+            raise ServingError.invalid(
+                "max_new_tokens",
+                f"prompt ({n}) + max_new_tokens ({params.max_new_tokens}) exceeds the server's "
+                f"token budget {lim.max_total_tokens}",
+            )
+        try:
+            return self.engine.start(tuple(ids), params, request.request_id, request.sparsity_mode)
+        except InvalidRequest as e:
+            raise ServingError.invalid(e.field, e.detail) from None
 
     def stop_accepting(self) -> None:
         with self._lock:
@@ -237,8 +286,15 @@ class Batcher:
             self._inbox.put((_STOP, grace))
             with contextlib.suppress(FutureTimeout):
                 self._loop_done.exception(timeout)  # waits; a crash was logged already
+        self._prepare.shutdown(wait=False, cancel_futures=True)
         if self._owns_thread:
             self._thread.stop(timeout)
+
+    def end_grace_now(self) -> None:
+        """Cut a drain short (from any thread): the engine loop ends after the step it is in, as if the
+        grace period had passed (running requests end "cancelled", queued ones UNAVAILABLE)."""
+        self.stop_accepting()
+        self._inbox.put((_STOP, 0.0))
 
     def _wake(self) -> None:
         self._inbox.put(_WAKE)
@@ -257,6 +313,7 @@ class Batcher:
             if self._running:
                 self._decode()
             self._flush()
+            self._report_gauges()  # after the step, so that an idle server reads 0, not its last batch
         # Past the grace period: running requests end with what they have (finish reason "cancelled");
         # requests that never started fail UNAVAILABLE so that clients retry elsewhere.
         for entry in self._running:
@@ -267,6 +324,11 @@ class Batcher:
         self._waiting.clear()
         self._running.clear()
         self._flush()
+        self._report_gauges()
+
+    def _report_gauges(self) -> None:
+        self.observer.queue_length(self._queued)
+        self.observer.batch_size(len(self._running))
 
     def _take_inbox(self, block: bool) -> None:
         while True:
@@ -277,8 +339,9 @@ class Batcher:
             block = False
             if isinstance(item, _Entry):
                 self._waiting.append(item)
-            elif isinstance(item, tuple) and item[0] is _STOP:
-                self._stop_at = time.monotonic() + float(item[1])
+            elif isinstance(item, tuple) and item[0] is _STOP:  # the earliest stop asked for wins
+                at = time.monotonic() + float(item[1])
+                self._stop_at = at if self._stop_at is None else min(self._stop_at, at)
 
     def _reap(self, now: float) -> None:
         """Drop cancelled and expired requests (waiting or running) and free their slots."""
@@ -296,8 +359,6 @@ class Batcher:
                 else:
                     err = ServingError(ErrorKind.DEADLINE, "the deadline passed; generation stopped")
                 self._fail(entry, err)
-        self.observer.queue_length(len(self._waiting))
-        self.observer.batch_size(len(self._running))
 
     def _dequeue(self) -> None:
         with self._lock:
@@ -310,28 +371,19 @@ class Batcher:
         t0 = time.perf_counter()
         for entry in batch:
             entry.t_admit = t0
-        try:
-            events: list[GenerationEvent | Exception] = list(
-                self.engine.prefill_batch([b.seq for b in batch])
-            )
-        except Exception as e:
-            if len(batch) == 1:
-                events = [e]
-            else:
-                log.warning("batched prefill of %d requests failed: %r; retrying each alone", len(batch), e)
-                events = self._each_alone(self.engine.prefill_batch, batch)
+        outcomes = self._step(self.engine.prefill_batch, batch)
         now = time.perf_counter()
         self.observer.step("prefill", sum(len(e.seq.prompt_ids) for e in batch), now - t0)
-        for entry, event in zip(batch, events, strict=True):
-            if isinstance(event, Exception):
-                self._engine_failed(entry, event)
+        for entry, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                self._engine_failed(entry, outcome)
                 continue
             entry.t_prefilled = entry.t_first = entry.t_last = now
             self.observer.first_token(now - entry.t_accept)
             if not entry.seq.finished:
                 self._running.append(entry)
                 self._reserved += entry.reserved
-            self._deliver(entry, event)
+            self._deliver(entry, outcome)
 
     def _take_admissible(self) -> list[_Entry]:
         """Pop the waiting requests that may start now, in order: while a batch row and a cache slot are
@@ -358,23 +410,15 @@ class Batcher:
 
     def _decode(self) -> None:
         batch = self._running
-        seqs = [e.seq for e in batch]
-        counted = [s.sparsity.tokens for s in seqs]
         t0 = time.perf_counter()
-        try:
-            events: list[GenerationEvent | Exception] = list(self.engine.decode_step(seqs))
-        except Exception as e:
-            log.warning("decode step of %d sequences failed: %r", len(batch), e)
-            forward_done = any(s.sparsity.tokens != c for s, c in zip(seqs, counted, strict=True))
-            alone = forward_done or len(batch) == 1
-            events = [e] * len(batch) if alone else self._each_alone(self.engine.decode_step, batch)
+        outcomes = self._step(self.engine.decode_step, batch)
         now = time.perf_counter()
         self.observer.step("decode", len(batch), now - t0)
         self._running = []
-        for entry, event in zip(batch, events, strict=True):
-            if isinstance(event, Exception):
+        for entry, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Exception):
                 self._reserved -= entry.reserved
-                self._engine_failed(entry, event)
+                self._engine_failed(entry, outcome)
                 continue
             self.observer.inter_token(now - entry.t_last)
             entry.t_last = now
@@ -382,25 +426,40 @@ class Batcher:
                 self._reserved -= entry.reserved
             else:
                 self._running.append(entry)
-            self._deliver(entry, event)
+            self._deliver(entry, outcome)
 
-    def _each_alone(
-        self, step: Callable[[list[EngineSequence]], list[GenerationEvent]], batch: list[_Entry]
+    def _step(
+        self, step: Callable[[list[EngineSequence]], list[StepOutcome]], batch: list[_Entry]
     ) -> list[GenerationEvent | Exception]:
-        """Run ``step`` (the engine's prefill_batch or decode_step) on each entry alone: its event, or the
-        exception it raised alone."""
+        """Run ``step`` (the engine's prefill_batch or decode_step) over ``batch``: each entry's event, or
+        the exception that failed it. A request that fails alone (``RequestFailed``) fails alone. A step that
+        failed before its forward committed is retried one entry at a time, so that only the entries that
+        fail alone fail; one that failed after (or with an error the engine did not type) leaves its rows in
+        an unknown state, and all of them fail."""
+        seqs = [e.seq for e in batch]
+        try:
+            return list(step(seqs))
+        except StepFailed as e:
+            if e.committed or len(batch) == 1:
+                return [e] * len(batch)
+            log.warning("a step of %d requests failed: %r; retrying each alone", len(batch), e)
+        except Exception as e:
+            return [e] * len(batch)
         out: list[GenerationEvent | Exception] = []
         for entry in batch:
             try:
-                (event,) = step([entry.seq])
-                out.append(event)
+                (outcome,) = step([entry.seq])
+                out.append(outcome)
             except Exception as e:
                 out.append(e)
         return out
 
     def _engine_failed(self, entry: _Entry, error: Exception) -> None:
-        """Fail ``entry`` with INTERNAL after the engine raised on it, and give its slot back."""
-        msg = f"the engine failed on this request: {error}"
+        """Fail ``entry`` with INTERNAL after the engine raised on it (or failed it alone), and give its slot
+        back."""
+        msg = (
+            str(error) if isinstance(error, RequestFailed) else f"the engine failed on this request: {error}"
+        )
         log.error(msg, exc_info=error, extra={"request_id": entry.request.request_id})
         self.engine.release(entry.seq)
         self._fail(entry, ServingError(ErrorKind.INTERNAL, msg))
@@ -468,13 +527,3 @@ def _put_all(items: list[tuple[Ticket, StreamItem]]) -> None:
 
 def _expired(entry: _Entry, now: float) -> bool:
     return entry.request.deadline is not None and now >= entry.request.deadline
-
-
-def _field_of(message: str) -> str:
-    """The request field an engine ``ValueError`` is about (its messages start with or name the field)."""
-    if "sparsity mode" in message or "sidecar" in message:
-        return "sparsity_mode"
-    for name in _FIELDS:
-        if message.startswith(name) or f"{name}=" in message:
-            return name
-    return "prompt"

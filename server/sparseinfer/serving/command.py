@@ -124,4 +124,6 @@ def _run_serve(args: argparse.Namespace, env: Any) -> None:
     config = serve_config(args, env)
     configure_logging(args.log_level)
     with asyncio.Runner(loop_factory=lambda: new_event_loop(config.event_loop)) as runner:
-        runner.run(serve(config))
+        status = runner.run(serve(config))
+    if status:  # a second stop signal cut the drain short (see ``serve``)
+        raise SystemExit(status)

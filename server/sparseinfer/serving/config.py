@@ -16,8 +16,9 @@ from pathlib import Path
 
 from sparseinfer.engine.accounting import MODES
 
-MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024  # the ceiling; a model's own limit is usually far lower
 MAX_SEND_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_REQUEST_ID = 128  # characters
 
 # uvloop wakes for a streamed token with ~25-30% less CPU than asyncio's own loop (the event-loop thread,
 # one token every ~1.8 ms, measured side by side on the 2-core VM); it is a dependency wherever it builds.
@@ -54,6 +55,25 @@ class Limits:
     default_max_new_tokens: int = 128  # for requests that leave it unset (capped at max_new_tokens)
     max_stop_sequences: int = 8
     max_stop_length: int = 64  # characters per stop sequence
+
+    def prompt_tokens(self, context: int) -> int:
+        """The longest prompt a sequence of at most ``context`` tokens may have: ``max_prompt_tokens``, never
+        more than leaves room for one new token (the one rule; the batcher and ModelInfo both use it)."""
+        return min(self.max_prompt_tokens or context - 1, context - 1)
+
+    def prompt_bytes(self, context: int, bytes_per_token: int) -> int:
+        """The longest text prompt, in UTF-8 bytes, that can still fit: ``prompt_tokens`` tokens of at most
+        ``bytes_per_token`` bytes (``Tokenizer.max_bytes_per_token``); longer texts are refused unread."""
+        return self.prompt_tokens(context) * bytes_per_token
+
+    def request_bytes(self, context: int, bytes_per_token: int) -> int:
+        """The largest request message a valid request can need: the longest prompt (text, or token ids as
+        varints of at most 5 bytes), every stop sequence at its longest (4 bytes a character), the request id,
+        and 1 KiB for every other field and the framing, capped at ``MAX_RECEIVE_MESSAGE_BYTES``. The gRPC
+        transport refuses anything larger (RESOURCE_EXHAUSTED) before reading it into memory."""
+        prompt = max(self.prompt_bytes(context, bytes_per_token), 5 * self.prompt_tokens(context))
+        stops = self.max_stop_sequences * (4 * self.max_stop_length + 4)
+        return min(prompt + stops + 4 * MAX_REQUEST_ID + 1024, MAX_RECEIVE_MESSAGE_BYTES)
 
     def validate(self) -> None:
         for name in (

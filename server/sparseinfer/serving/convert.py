@@ -4,18 +4,16 @@ by its path in the .proto) and domain results → wire messages (``*_to_pb``). N
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from sparseinfer.engine.accounting import SparsityReport
+from sparseinfer.engine.errors import InvalidRequest
 from sparseinfer.engine.sampling import SamplingParams
-from sparseinfer.serving.config import Limits
+from sparseinfer.serving.config import MAX_REQUEST_ID, Limits
 from sparseinfer.serving.requests import BatchRequest, Completion, ServingError, TokenChunk
 from sparseinfer_client._proto import sparseinfer_pb2 as pb
-
-MAX_REQUEST_ID = 128
 
 MODE_FROM_PB = {
     pb.SPARSITY_MODE_DENSE: "dense",
@@ -63,22 +61,11 @@ def from_pb(msg: pb.GenerateRequest, limits: Limits, deadline: float | None) -> 
         raise _invalid("prompt", "must not be empty")
 
     s = msg.sampling
-    temperature = s.temperature if s.HasField("temperature") else 1.0
-    if not (temperature >= 0.0) or math.isinf(temperature):  # NaN fails `>= 0`
-        raise _invalid("sampling.temperature", f"must be a finite number >= 0, got {temperature}")
-    top_k = s.top_k if s.HasField("top_k") else 0
-    if top_k < 0:
-        raise _invalid("sampling.top_k", f"must be >= 0 (0 = off), got {top_k}")
-    top_p = s.top_p if s.HasField("top_p") else 1.0
-    if not (0.0 < top_p <= 1.0):
-        raise _invalid("sampling.top_p", f"must be in (0, 1], got {top_p}")
-    penalty = s.repetition_penalty if s.HasField("repetition_penalty") else 1.0
-    if not (penalty > 0.0) or math.isinf(penalty):  # NaN fails `> 0`
-        raise _invalid("sampling.repetition_penalty", f"must be a finite number > 0, got {penalty:g}")
-
     st = msg.stopping
-    default_new = min(limits.default_max_new_tokens, limits.max_new_tokens)
-    max_new = st.max_new_tokens if st.HasField("max_new_tokens") else default_new
+    max_new_given = st.HasField("max_new_tokens")
+    max_new = (
+        st.max_new_tokens if max_new_given else min(limits.default_max_new_tokens, limits.max_new_tokens)
+    )
     if not 0 < max_new <= limits.max_new_tokens:
         raise _invalid("stopping.max_new_tokens", f"must be in [1, {limits.max_new_tokens}], got {max_new}")
     stops = tuple(st.stop_sequences)
@@ -103,29 +90,44 @@ def from_pb(msg: pb.GenerateRequest, limits: Limits, deadline: float | None) -> 
 
     params = SamplingParams(
         max_new_tokens=max_new,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=penalty,
+        temperature=s.temperature if s.HasField("temperature") else 1.0,
+        top_k=s.top_k if s.HasField("top_k") else 0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
         seed=s.seed if s.HasField("seed") else None,
         stop=stops,
         ignore_eos=st.ignore_eos,
         logprobs=msg.details.logprobs,
     )
+    try:
+        params.validate()  # the engine's rules (the one place they live), named by their wire path here
+    except InvalidRequest as e:
+        raise ServingError.invalid(e.field, e.detail) from None
     request_id = msg.request_id or uuid.uuid4().hex
     details = Details(tokens=msg.details.tokens or msg.details.logprobs)
     request = BatchRequest(
-        prompt, params, request_id, mode, deadline, stream_interval=max(1, msg.stream_interval)
+        prompt,
+        params,
+        request_id,
+        mode,
+        deadline,
+        stream_interval=max(1, msg.stream_interval),
+        default_max_new_tokens=not max_new_given,
     )
     return request, details
+
+
+def field_path(name: str) -> str:
+    """An engine or batcher field name (``stop[2]`` included) as its path in the .proto."""
+    base, bracket, index = name.partition("[")
+    return FIELD_PATH.get(base, base) + bracket + index
 
 
 def error_message(err: ServingError) -> str:
     """The error's message with the field spelled as its .proto path."""
     if err.field is None:
         return err.message
-    path = FIELD_PATH.get(err.field, err.field)
-    return f"{path}: {err.detail}" if err.detail is not None else err.message
+    return f"{field_path(err.field)}: {err.detail}" if err.detail is not None else err.message
 
 
 def tokens_to_pb(chunk: TokenChunk, piece: Callable[[int], str]) -> list[pb.Token]:

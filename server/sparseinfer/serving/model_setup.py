@@ -17,7 +17,7 @@ import torch
 import sparseinfer
 from sparseinfer.engine.generate import Generator
 from sparseinfer.engine.placement import neuron_bytes
-from sparseinfer.serving.config import MAX_RECEIVE_MESSAGE_BYTES, ServeConfig
+from sparseinfer.serving.config import ServeConfig
 from sparseinfer.serving.convert import MODE_TO_PB
 from sparseinfer_client._proto import sparseinfer_pb2 as pb
 
@@ -60,8 +60,7 @@ def load_served(config: ServeConfig) -> Served:
     limits = config.limits
     context = int(model.config.max_position_embeddings)
     # A KV-cache slot holds the longest prompt plus the most new tokens, never more than the context.
-    max_prompt = limits.max_prompt_tokens if limits.max_prompt_tokens is not None else context - 1
-    max_seq = min(context, max_prompt + limits.max_new_tokens)
+    max_seq = min(context, limits.prompt_tokens(context) + limits.max_new_tokens)
     runtime = None
     sidecar = Sidecar.exists(directory)
     if (sidecar or config.sparsity != "dense" or config.gpu_memory is not None) and not model.config.mlp_bias:
@@ -90,7 +89,7 @@ def model_info(config: ServeConfig, generator: Generator, directory: Path) -> pb
         available = [m for m in ("dense", "oracle", "predicted") if _can_run(runtime, m)]
         cett, recall = _sidecar_figures(directory)
     limits = config.limits
-    max_prompt = limits.max_prompt_tokens if limits.max_prompt_tokens is not None else generator.max_seq - 1
+    max_prompt = limits.prompt_tokens(generator.max_seq)
     info = pb.ModelInfoResponse(
         model_id=directory.name,
         architecture=c.architecture,
@@ -110,12 +109,13 @@ def model_info(config: ServeConfig, generator: Generator, directory: Path) -> pb
             max_batch_size=limits.max_batch_size,
             max_queued_requests=limits.max_queue,
             max_total_tokens=limits.max_total_tokens or limits.max_batch_size * generator.max_seq,
-            max_prompt_tokens=min(max_prompt, generator.max_seq - 1),
+            max_prompt_tokens=max_prompt,
             max_new_tokens=limits.max_new_tokens,
             default_max_new_tokens=min(limits.default_max_new_tokens, limits.max_new_tokens),
             max_stop_sequences=limits.max_stop_sequences,
             max_stop_sequence_length=limits.max_stop_length,
-            max_message_bytes=MAX_RECEIVE_MESSAGE_BYTES,
+            max_message_bytes=limits.request_bytes(generator.max_seq, generator.max_bytes_per_token),
+            max_prompt_bytes=limits.prompt_bytes(generator.max_seq, generator.max_bytes_per_token),
         ),
         server_version=sparseinfer.__version__,
     )

@@ -59,6 +59,9 @@ class BatchRequest:
     # A streaming request's first token is sent at once, then every ``stream_interval`` tokens as one
     # chunk (the rest with the completion): fewer messages, less CPU per token on both ends of the stream.
     stream_interval: int = 1
+    # True when the caller left max_new_tokens unset: ``params.max_new_tokens`` is then the server's default,
+    # lowered to what fits in the context beside the prompt (so that an unset value always succeeds).
+    default_max_new_tokens: bool = False
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ from grpc_reflection.v1alpha import reflection
 from sparseinfer.serving.auth import BearerTokenInterceptor
 from sparseinfer.serving.batcher import Batcher
 from sparseinfer.serving.config import (
-    MAX_RECEIVE_MESSAGE_BYTES,
     MAX_SEND_MESSAGE_BYTES,
     ServeConfig,
     new_event_loop,
@@ -39,16 +38,16 @@ from sparseinfer.serving.config import (
 from sparseinfer.serving.engine_thread import EngineThread
 from sparseinfer.serving.metrics import ServerMetrics
 from sparseinfer.serving.model_setup import Served, load_served
-from sparseinfer.serving.servicer import SparseInferServicer
+from sparseinfer.serving.servicer import SparseInferServicer, add_to_server
 from sparseinfer_client._proto import sparseinfer_pb2 as pb
-from sparseinfer_client._proto import sparseinfer_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sparseinfer.serving.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SparseInfer"].full_name
 
+# The receive limit is the served model's own (``Limits.request_bytes``, under MAX_RECEIVE_MESSAGE_BYTES),
+# added in ``AsyncServer.start``.
 SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 120_000),
     ("grpc.keepalive_timeout_ms", 20_000),
@@ -82,12 +81,14 @@ class AsyncServer:
         self.port = 0
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._servicer: SparseInferServicer | None = None
 
     async def start(self) -> int:
         """Bind, start serving and return the bound port."""
         cfg = self.config
         interceptors = [BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
-        server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+        receive = ("grpc.max_receive_message_length", self.batcher.max_request_bytes)
+        server = grpc.aio.server(interceptors=interceptors, options=[*SERVER_OPTIONS, receive])
         tokenizer = self.served.generator.tokenizer
         servicer = SparseInferServicer(
             self.batcher,
@@ -96,7 +97,8 @@ class AsyncServer:
             lambda token_id: tokenizer.decode([token_id]),
             self.served.model_info,
         )
-        pb_grpc.add_SparseInferServicer_to_server(servicer, server)
+        add_to_server(servicer, server)
+        self._servicer = servicer
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -139,6 +141,8 @@ class AsyncServer:
             # Every ticket has ended by now; a short grace lets handlers send their final messages.
             await self._server.stop(1.0)
             self._server = None
+        if self._servicer is not None:
+            self._servicer.close()
         self.metrics.close()
         log.info("stopped")
 
@@ -214,20 +218,42 @@ def start_server(config: ServeConfig, served: Served | None = None) -> ServerHan
 
 async def serve(
     config: ServeConfig, stop_signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
-) -> None:
-    """Serve until one of ``stop_signals``, then drain for ``config.grace_period`` and return."""
+) -> int:
+    """Serve until one of ``stop_signals``, then drain for ``config.grace_period``; return the exit status.
+
+    A second stop signal while draining cuts the drain short (``Batcher.end_grace_now``): running requests
+    end at once with finish reason CANCELLED and what they generated, queued ones fail UNAVAILABLE, and the
+    process exits promptly with status 128 + the signal's number (as if the signal had killed it, but with
+    every stream closed properly and the log flushed). A drain that completes exits 0."""
     server = AsyncServer(config)
     await server.start()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    first: asyncio.Future[signal.Signals] = loop.create_future()
+    forced: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not first.done():
+            first.set_result(sig)
+        elif not forced:
+            forced.append(sig)
+            log.warning(
+                "second stop signal while draining: ending in-flight requests now and exiting",
+                extra={"signal": sig.name, "in_flight": server.batcher.in_flight},
+            )
+            server.batcher.end_grace_now()
+
     for sig in stop_signals:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     print(f"sparseinfer: serving {server.served.model_dir} on {config.host}:{server.port}", flush=True)
     if server.metrics_port is not None:
         print(
             f"sparseinfer: metrics on http://{config.metrics_host}:{server.metrics_port}/metrics", flush=True
         )
-    await stop.wait()
-    for sig in stop_signals:
-        loop.remove_signal_handler(sig)
-    await server.shutdown()
+    sig = await first
+    log.info("stop signal received", extra={"signal": sig.name})
+    try:
+        await server.shutdown()
+    finally:
+        for s in stop_signals:
+            loop.remove_signal_handler(s)
+    return 128 + int(forced[0]) if forced else 0
