@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +122,7 @@ def test_bearer_token_auth(make_server):
         assert ok.generate("hi", max_new_tokens=2).usage.generated_tokens >= 1
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl for a test certificate")
 def test_tls(make_server, tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
