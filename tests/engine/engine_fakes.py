@@ -52,7 +52,8 @@ class _HistoryModel(torch.nn.Module):
     def row_logits(self, full: list[int]) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, tokens, cache=None, slots=None, last_only=False, lengths=None):
+    def forward(self, tokens, cache=None, slots=None, last_only=False, step=None):
+        lengths = torch.tensor(step.lengths) if step is not None and step.lengths is not None else None
         batch, steps = tokens.shape
         self.calls.append((batch, steps))
         rows = []

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from sparseinfer.engine.generate import Generator
-from sparseinfer.engine.kv_cache import KVCache
 from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
 from sparseinfer.engine.sampling import SamplingParams
 from sparseinfer.model import load_model, load_tokenizer
 from sparseinfer.model.bundled import bundled_model_path
+from sparseinfer.model.kv_cache import KVCache
+from sparseinfer.model.step import ForwardStep
 
 PROMPTS = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18], [19]]
 DECODE_STEPS = 5
@@ -57,8 +58,8 @@ def test_padded_forward_equals_each_row_alone(tiny_random_checkpoint):
         expected.append((first, step))
     cache = model.new_cache(2, 32)
     padded = torch.tensor([prompts[0] + [0] * 4, prompts[1]])  # (2, 9)
-    lengths = torch.tensor([5, 9])
-    first = model(padded, cache=cache, last_only=True, lengths=lengths)  # (2, 1, V)
+    step = ForwardStep.of(["dense"] * 2, lengths=[5, 9])
+    first = model(padded, cache=cache, last_only=True, step=step)  # (2, 1, V)
     assert cache.lengths[:2].tolist() == [5, 9]  # each slot advanced by its own length, not by 9
     step = model(torch.tensor([[7], [7]]), cache=cache)  # rows now at different lengths
     for b, (e_first, e_step) in enumerate(expected):
@@ -71,9 +72,10 @@ def test_padded_forward_rejects_bad_lengths(tiny_random_checkpoint):
     tokens = torch.tensor([[3, 4, 5], [6, 7, 8]])
     for lengths in ([0, 3], [2, 4], [3]):
         with pytest.raises(ValueError, match="lengths"):
-            model(tokens, cache=model.new_cache(2, 8), last_only=True, lengths=torch.tensor(lengths))
+            step = ForwardStep.of(["dense"] * len(lengths), lengths)
+            model(tokens, cache=model.new_cache(2, 8), last_only=True, step=step)
     with pytest.raises(ValueError, match="needs a cache and last_only"):
-        model(tokens, lengths=torch.tensor([3, 2]))
+        model(tokens, step=ForwardStep.of(["dense"] * 2, [3, 2]))
 
 
 @pytest.mark.parametrize(
@@ -123,12 +125,11 @@ def test_a_failed_prefill_batch_leaves_slots_and_tallies_as_they_were(calibrated
     # Fail in the last layer's FFN, after every other layer has counted this step.
     last = model.layers[-1].mlp
     original = last.forward
-    last.forward = lambda x: (_ for _ in ()).throw(RuntimeError("injected"))
+    last.forward = lambda x, step=None: (_ for _ in ()).throw(RuntimeError("injected"))
     with pytest.raises(RuntimeError, match="injected"):
         gen.prefill_batch(seqs)
     assert gen.cache.num_free == 4 and all(s.slot is None for s in seqs)
     assert all(s.sparsity.report().tokens == 0 for s in seqs)
-    assert rt.state.context is None
     last.forward = original
     gen.prefill_batch(seqs)  # the same sequences can be retried
     assert [s.sparsity.report().tokens for s in seqs] == [len(p) for p in PROMPTS[:3]]

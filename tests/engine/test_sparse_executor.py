@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from sparseinfer.engine.hybrid import TieredFFN, make_tier
-from sparseinfer.engine.sparse_ffn import LayerPredictor, SparseFFN, StepContext, StepState
+from sparseinfer.engine.sparse_ffn import LayerPredictor, SparseFFN
 from sparseinfer.model.ffn import activation_fn
+from sparseinfer.model.step import ForwardStep
 from sparseinfer.sparsity.neurons import active_mask
 
 D, M = 48, 96
@@ -132,14 +133,12 @@ def test_mixed_modes_each_row_gets_its_own_set_and_counts_match_brute_force():
         None,
     )
     hot_ids = torch.arange(0, M, 4)
-    state = StepState(crossover=1.0)
-    ffn = SparseFFN(0, tiered(w_in, w_up, w_out, "silu", hot_ids), state, eps, predictor)
+    ffn = SparseFFN(0, tiered(w_in, w_up, w_out, "silu", hot_ids), eps, predictor, crossover=1.0)
     B, T = 3, 2
     x = torch.randn(B, T, D, generator=g)
     modes = ("oracle", "predicted", "dense")
-    state.context = StepContext(modes=modes)
-    out = ffn(x)
-    ctx = state.context
+    ctx = ForwardStep.of(modes)
+    out = ffn(x, ctx)
 
     xf = x.reshape(B * T, D)
     norms = torch.linalg.vector_norm(w_out, dim=0)

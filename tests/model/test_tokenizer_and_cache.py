@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from sparseinfer.engine.kv_cache import CacheFullError, KVCache
 from sparseinfer.model import IncrementalDecoder, load_model, load_tokenizer
+from sparseinfer.model.kv_cache import CacheFullError, KVCache
 from sparseinfer.model.random_checkpoint import write_random_checkpoint
 
 TEXT = "The quick brown fox – naïve café 🦊 jumps!"

@@ -117,7 +117,7 @@ def _brute_force_oracle(model, seqs: torch.Tensor, thresholds: list[float]) -> t
     tokens = [0] * len(model.layers)
 
     def make(layer_index: int, ffn):
-        def forward(x: torch.Tensor) -> torch.Tensor:
+        def forward(x: torch.Tensor, step=None) -> torch.Tensor:
             h = ffn.neuron_activations(x)  # (B, T, m)
             n = h.unsqueeze(-2) * ffn.down_proj.weight  # (B, T, d, m): every neuron's output vector
             keep = torch.linalg.vector_norm(n, dim=-2) >= thresholds[layer_index]  # (B, T, m)

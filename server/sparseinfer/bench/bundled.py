@@ -32,8 +32,9 @@ from typing import Any, TextIO
 import torch
 
 from sparseinfer.bench.machine import cpu_model
-from sparseinfer.engine.accounting import MODES, SparsityReport, SparsityTally
+from sparseinfer.engine.accounting import SparsityReport, SparsityTally
 from sparseinfer.engine.modes import SparseRuntime, validate_mode
+from sparseinfer.model.step import MODES
 from sparseinfer.model.transformer import Transformer
 
 
@@ -71,29 +72,26 @@ def _tally(runtime: SparseRuntime, mode: str) -> SparsityTally:
 @contextmanager
 def mode_forwards(model: Transformer, runtime: SparseRuntime, mode: str) -> Iterator[SparsityTally]:
     """Inside the block every plain ``model(tokens)`` call runs all its rows in ``mode``, and the yielded
-    tally counts them (the same begin/end the Generator does around its steps)."""
+    tally counts them (the same ``ForwardStep`` the engine passes at its steps, committed the same way)."""
     tally = _tally(runtime, mode)
     runtime.check_mode(mode)
 
-    pending: list[Any] = []  # the current forward's (context, B, T)
-
-    def begin(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def with_step(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         tokens = args[0] if args else kwargs["tokens"]  # (B, T)
-        B, T = tokens.shape
-        pending[:] = [runtime.begin([mode] * B), B, T]
+        return args, {**kwargs, "step": runtime.step([mode] * tokens.shape[0])}
 
-    def end(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
-        ctx, B, T = pending
-        runtime.end(ctx, [tally] * B, [T] * B)  # one tally for all rows: it sums them
+    def commit(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        tokens = args[0] if args else kwargs["tokens"]
+        B, T = tokens.shape
+        kwargs["step"].commit([tally] * B, T)  # one tally for all rows: it sums them
 
     handles = [
-        model.register_forward_pre_hook(begin, with_kwargs=True),
-        model.register_forward_hook(end, with_kwargs=True),
+        model.register_forward_pre_hook(with_step, with_kwargs=True),
+        model.register_forward_hook(commit, with_kwargs=True),
     ]
     try:
         yield tally
     finally:
-        runtime.state.context = None  # a forward that raised leaves it set
         for h in handles:
             h.remove()
 

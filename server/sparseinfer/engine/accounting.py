@@ -15,10 +15,8 @@ step; the server reads ``seq.sparsity.report()`` and returns it to the caller. C
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
-SparsityMode = Literal["dense", "oracle", "predicted"]
-MODES: tuple[str, ...] = ("dense", "oracle", "predicted")
+from sparseinfer.model.step import MODES
 
 
 @dataclass(frozen=True)

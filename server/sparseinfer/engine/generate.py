@@ -29,11 +29,12 @@ import torch
 
 from sparseinfer.engine.accounting import SparsityTally
 from sparseinfer.engine.errors import InvalidRequest, RequestFailed, StepFailed
-from sparseinfer.engine.kv_cache import CacheFullError, KVCache
 from sparseinfer.engine.modes import SparseRuntime, validate_mode
 from sparseinfer.engine.placement import neuron_bytes
 from sparseinfer.engine.sampling import SamplingParams, sample_batch_scored
 from sparseinfer.engine.sequence import GenerationEvent, GenerationResult, Sequence, StepOutcome
+from sparseinfer.model.kv_cache import CacheFullError, KVCache
+from sparseinfer.model.step import ForwardStep
 from sparseinfer.model.tokenizer import IncrementalDecoder, Tokenizer
 
 Prompt = str | SequenceABC[int]
@@ -150,26 +151,15 @@ class Generator:
         """The model forward of one step, with each row's sparsity mode and the step's accounting.
 
         ``lengths``: each row's real tokens when ``tokens`` (B, T) is right-padded; None: all T are real.
-        Returns the logits after each row's last real token, (B, 1, V)."""
+        Returns the logits after each row's last real token, (B, 1, V). The rows' tallies advance only
+        once the forward has completed (a forward that raises leaves them as they were)."""
         T = tokens.shape[1]
         padded = lengths is not None and min(lengths) < T
-        counts = lengths if lengths is not None else [T] * len(seqs)
-        row_lengths = torch.tensor(lengths) if padded else None
-        if self.sparsity is None:
-            logits = self.model(tokens, cache=self.cache, slots=slots, last_only=True, lengths=row_lengths)
-            # Dense: every neuron of every layer, all on the model's device.
-            for seq, n in zip(seqs, counts, strict=True):
-                seq.sparsity.record_step(n)
-                for li, m in enumerate(self._layer_neurons):
-                    seq.sparsity.record_layer(li, n, n * m, n * m, m)
-            return logits
-        ctx = self.sparsity.begin([s.sparsity.mode for s in seqs], lengths if padded else None)
-        try:
-            logits = self.model(tokens, cache=self.cache, slots=slots, last_only=True, lengths=row_lengths)
-        except BaseException:
-            self.sparsity.state.context = None
-            raise
-        self.sparsity.end(ctx, [s.sparsity for s in seqs], counts)
+        modes = [s.sparsity.mode for s in seqs]
+        rows = lengths if padded else None
+        step = self.sparsity.step(modes, rows) if self.sparsity is not None else ForwardStep.of(modes, rows)
+        logits = self.model(tokens, cache=self.cache, slots=slots, last_only=True, step=step)
+        step.commit([s.sparsity for s in seqs], T)
         return logits
 
     @property

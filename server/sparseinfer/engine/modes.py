@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from sparseinfer.engine.accounting import MODES, SparsityTally
 from sparseinfer.engine.errors import InvalidRequest
 from sparseinfer.engine.hybrid import TieredFFN, default_crossover, make_tier
 from sparseinfer.engine.placement import Placement, dense_bytes, neuron_bytes, plan_placement
-from sparseinfer.engine.sparse_ffn import Counts, LayerPredictor, SparseFFN, StepContext, StepState
+from sparseinfer.engine.sparse_ffn import LayerPredictor, SparseFFN
+from sparseinfer.model.step import MODES, ForwardStep, SparsityMode
 from sparseinfer.model.transformer import Transformer
 from sparseinfer.sparsity.sidecar import PRODUCERS, Sidecar, SidecarError
 
@@ -33,11 +33,12 @@ class ModeUnavailable(SidecarError, InvalidRequest):
         InvalidRequest.__init__(self, "sparsity_mode", message, message)
 
 
-def validate_mode(mode: str, name: str = "sparsity mode") -> str:
+def validate_mode(mode: str, name: str = "sparsity mode") -> SparsityMode:
+    """``mode`` as a ``SparsityMode``; ``InvalidRequest`` naming ``name`` for anything else."""
     if mode not in MODES:
         detail = f"must be one of {', '.join(MODES)}, got {mode!r}"
         raise InvalidRequest("sparsity_mode", detail, f"{name} {detail}")
-    return mode
+    return SparsityMode(mode)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ class SparseRuntime:
         self._sections = {"calibration": thresholds is not None, "predictor": predictors is not None}
         self.check_mode(config.mode)
         crossover = config.crossover if config.crossover is not None else default_crossover(model.dtype)
-        self.state = StepState(default_mode=config.mode, crossover=crossover)
+        self.crossover = crossover  # every layer's (see SparseFFN.crossover)
+        default_mode = SparsityMode(config.mode)
         out_device = placement.dense_device if placement is not None else model.device
         for li, block in enumerate(model.layers):
             mlp = block.mlp
@@ -111,7 +113,8 @@ class SparseRuntime:
             tiered = TieredFFN(tiers, m, out_device, mlp.activation, model.config.activation_threshold)
             predictor = predictors[li].to(out_device, model.dtype) if predictors is not None else None
             eps = float(thresholds[li]) if thresholds is not None else None
-            block.mlp = SparseFFN(li, tiered, self.state, eps, predictor)  # the dense FFN weights are dropped
+            # The dense FFN's weights are dropped with it: the tiers hold the only copy.
+            block.mlp = SparseFFN(li, tiered, eps, predictor, default_mode, crossover)
         if placement is not None:
             model.to(placement.dense_device)  # the executors' shards are plain tensors: .to leaves them be
 
@@ -160,10 +163,10 @@ class SparseRuntime:
         return cls(model, config, thresholds, predictors, placement, directory or Path(checkpoint_dir))
 
     # ---- per-request modes ----
-    def check_mode(self, mode: str) -> str:
+    def check_mode(self, mode: str) -> SparsityMode:
         """``mode`` if this runtime can run it; else an error naming the sidecar section and its command."""
-        validate_mode(mode)
-        if mode != "dense":
+        mode = validate_mode(mode)
+        if mode != SparsityMode.DENSE:
             _require_sparse_ops()
         missing = [s for s in NEEDS[mode] if not self._sections[s]]
         if missing:
@@ -175,45 +178,10 @@ class SparseRuntime:
             )
         return mode
 
-    def begin(self, modes: Sequence[str], lengths: Sequence[int] | None = None) -> StepContext:
-        """Start a step of one row per mode; ``lengths``: each row's real tokens when right-padded."""
-        ctx = StepContext(
-            modes=tuple(modes),
-            measure_truth=self.measure_truth,
-            lengths=tuple(lengths) if lengths is not None else None,
-        )
-        self.state.context = ctx
-        return ctx
-
-    def end(self, ctx: StepContext, tallies: Sequence[SparsityTally], tokens: Sequence[int]) -> None:
-        """Clear the step and add its counts (row b of each layer) to ``tallies[b]``, whose row ran
-        ``tokens[b]`` real tokens."""
-        self.state.context = None
-        L = len(self.layer_neurons)
-        if len(ctx.counts) != L or any(c is None for c in ctx.counts):
-            raise RuntimeError("a sparse step did not record every layer")
-        table = [_rows(c) for c in ctx.counts]  # (L, B, 5) ints
-        for b, (tally, n) in enumerate(zip(tallies, tokens, strict=True)):
-            tally.record_step(n)
-            for li in range(L):
-                sel, hot, union, truly, computed = table[li][b]
-                measured = ctx.measured[li][b]
-                tally.record_layer(
-                    li,
-                    n,
-                    sel,
-                    hot,
-                    union,
-                    truly if measured else None,
-                    computed if measured else None,
-                )
-
-
-def _rows(counts: Counts | None) -> list[list[int]]:
-    assert counts is not None
-    if isinstance(counts, torch.Tensor):
-        return counts.tolist()
-    return [[int(v) for v in row] for row in counts]
+    def step(self, modes: Sequence[str], lengths: Sequence[int] | None = None) -> ForwardStep:
+        """A forward step of one row per mode (``lengths``: each row's real tokens when right-padded),
+        measuring the true active sets when ``measure_truth`` is on."""
+        return ForwardStep.of(modes, lengths, self.measure_truth)
 
 
 class SparseOpsMissing(ValueError):

@@ -17,7 +17,6 @@ neurons), so a row's output never depends on its batch-mates (up to fp32 summati
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +25,7 @@ from torch import nn
 from sparseinfer import ops
 from sparseinfer.engine.hugepages import to_hugepages
 from sparseinfer.engine.hybrid import DEFAULT_CROSSOVER, TieredFFN
-
-# Per batch row, per layer: neurons computed, of those hot, the row's union over its tokens, truly active,
-# truly active and computed (the last two are 0 where not measured; ``measured`` says where they are).
-COUNT_FIELDS = ("selected", "hot", "union", "truly_active", "truly_computed")
-# A (B, 5) int64 tensor, or (cheaper when the numbers are known on the host) B lists of 5 ints / 0-d tensors.
-Counts = torch.Tensor | list[list[int | torch.Tensor]]
+from sparseinfer.model.step import ForwardStep, SparsityMode
 
 
 class LayerPredictor:
@@ -72,47 +66,26 @@ class LayerPredictor:
         return LayerPredictor(*w, self.score_threshold, self.hidden_activation)
 
 
-@dataclass
-class StepContext:
-    """What the engine tells every executor about the current forward: each batch row's mode."""
-
-    modes: tuple[str, ...]  # per batch row (B,)
-    measure_truth: bool = False  # also measure the true active set of predicted / dense rows
-    # Per batch row, its real tokens when the rows are right-padded to a common T (a batched prefill of
-    # prompts of different lengths); None: every token is real. Padding computes no sparse neuron and is
-    # never counted.
-    lengths: tuple[int, ...] | None = None
-    counts: list[Counts | None] = field(default_factory=list)  # per layer: (B, 5), see COUNT_FIELDS
-    measured: list[tuple[bool, ...] | None] = field(default_factory=list)  # per layer: per row
-
-
-@dataclass
-class StepState:
-    """Shared by a model's executors: the current step's context (None outside a Generator step: then every
-    row runs ``default_mode`` and nothing is recorded) and the dense-fallback crossover."""
-
-    default_mode: str = "dense"
-    crossover: float = DEFAULT_CROSSOVER
-    context: StepContext | None = None
-
-
 class SparseFFN(nn.Module):
-    """Drop-in replacement for ``Block.mlp``: (B, T, d) -> (B, T, d)."""
+    """Drop-in replacement for ``Block.mlp``: (B, T, d) -> (B, T, d), each row in the mode its
+    ``ForwardStep`` gives it (``default_mode`` for every row when called without one)."""
 
     def __init__(
         self,
         layer: int,
         tiered: TieredFFN,
-        state: StepState,
         eps: float | None,
         predictor: LayerPredictor | None,
+        default_mode: SparsityMode = SparsityMode.DENSE,
+        crossover: float = DEFAULT_CROSSOVER,
     ) -> None:
         super().__init__()
         self.layer = layer
         self.tiered = tiered
-        self.state = state
         self.eps = eps  # ε_l from the calibration (None: no oracle mode)
         self.predictor = predictor
+        self.default_mode = SparsityMode(default_mode)
+        self.crossover = crossover  # union density above which the layer runs its dense GEMMs
         self.m = tiered.m
         self._hot_count = int(tiered.hot_mask.sum())
 
@@ -129,82 +102,69 @@ class SparseFFN(nn.Module):
             scores = scores.float()
         return ops.select_active(scores, self.predictor.threshold, 0)  # (N, m) bool, (n,) int32
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: ForwardStep | None = None) -> torch.Tensor:
         B, T, d = x.shape
         xf = x.reshape(B * T, d)  # (N, d)
-        ctx = self.state.context
-        modes = ctx.modes if ctx is not None else (self.state.default_mode,) * B
+        modes = step.modes if step is not None else (self.default_mode,) * B
         if len(modes) != B:
-            raise RuntimeError(f"step context has {len(modes)} modes for a batch of {B} rows")
-        measure = ctx is not None and ctx.measure_truth
-        lengths = ctx.lengths if ctx is not None and ctx.lengths is not None else None
-        real = _real_tokens(lengths, T, x.device) if lengths is not None and min(lengths) < T else None
+            raise RuntimeError(f"the step has {len(modes)} modes for a batch of {B} rows")
+        measure = step is not None and step.measure_truth
+        padded = step is not None and step.padded(T)
         kinds = set(modes)
-        if kinds == {"dense"} and not measure:
+        if kinds == {SparsityMode.DENSE} and not measure:
             out = self.tiered.dense(xf, None)  # (N, d): padding rows too (cheaper than removing them)
-            if ctx is not None:
-                self._record_dense(ctx, lengths if lengths is not None else (T,) * B)
+            if step is not None:
+                step.record_dense(self.layer, self.m, self._hot_count, T)
             return out.view(B, T, d)
 
-        truth = self._truth(xf) if ("oracle" in kinds or measure) else None  # (N, m)
-        if kinds == {"predicted"}:
+        truth = self._truth(xf) if (SparsityMode.ORACLE in kinds or measure) else None  # (N, m)
+        if kinds == {SparsityMode.PREDICTED}:
             row_mask, union = self._predict(xf)
-        elif kinds == {"oracle"}:
+        elif kinds == {SparsityMode.ORACLE}:
             assert truth is not None
             row_mask = truth
             union = truth.any(0).nonzero().flatten().to(torch.int32)  # (n,)
         else:
             row_mode = torch.tensor(  # (N,) 0 dense, 1 oracle, 2 predicted
-                [("dense", "oracle", "predicted").index(mo) for mo in modes for _ in range(T)],
-                device=x.device,
+                [_MODE_INDEX[mo] for mo in modes for _ in range(T)], device=x.device
             )
             row_mask = (row_mode == 0)[:, None].expand(B * T, self.m)  # (N, m)
-            if truth is not None and "oracle" in kinds:
+            if truth is not None and SparsityMode.ORACLE in kinds:
                 row_mask = torch.where((row_mode == 1)[:, None], truth, row_mask)
-            if "predicted" in kinds:
+            if SparsityMode.PREDICTED in kinds:
                 row_mask = torch.where((row_mode == 2)[:, None], self._predict(xf)[0], row_mask)
             row_mask = row_mask.contiguous()  # an all-dense batch leaves the expanded view
             union = row_mask.any(0).nonzero().flatten().to(torch.int32)  # (n,)
-        if real is not None:  # padding selects nothing: it must not widen the union or the counts
+        if padded:  # padding selects nothing: it must not widen the union or the counts
+            assert step is not None and step.lengths is not None
+            real = _real_tokens(step.lengths, T, x.device)  # (N,)
             row_mask = row_mask & real[:, None]
             union = row_mask.any(0).nonzero().flatten().to(torch.int32)  # (n,)
             if truth is not None:
                 truth = truth & real[:, None]
         # One row: its mask is the union itself, so the kernel needs none.
-        out = self.tiered.forward(xf, union, row_mask if B * T > 1 else None, self.state.crossover)  # (N, d)
-        if ctx is not None:
+        out = self.tiered.forward(xf, union, row_mask if B * T > 1 else None, self.crossover)  # (N, d)
+        if step is not None:
             if B * T == 1 and truth is None:
-                self._record_one(ctx, union)
+                self._record_one(step, union)
             else:
-                self._record(ctx, modes, B, T, row_mask, truth)
+                self._record(step, modes, B, T, row_mask, truth)
         return out.view(B, T, d)
 
     # ---- accounting ----
-    def _store(self, ctx: StepContext, counts: Counts, measured: tuple[bool, ...]) -> None:
-        while len(ctx.counts) <= self.layer:
-            ctx.counts.append(None)
-            ctx.measured.append(None)
-        ctx.counts[self.layer] = counts
-        ctx.measured[self.layer] = measured
-
-    def _record_dense(self, ctx: StepContext, lengths: tuple[int, ...]) -> None:
-        m, hot = self.m, self._hot_count
-        rows: list[list[int | torch.Tensor]] = [[n * m, n * hot, m, 0, 0] for n in lengths]
-        self._store(ctx, rows, (False,) * len(lengths))
-
-    def _record_one(self, ctx: StepContext, union: torch.Tensor) -> None:
+    def _record_one(self, step: ForwardStep, union: torch.Tensor) -> None:
         # One token (a batch-1 decode step): its set is the union, so the counts need no (1, m) reductions.
         n = int(union.numel())
         if self._hot_count in (0, self.m):  # one tier: no lookup needed
             hot: int | torch.Tensor = n if self._hot_count else 0
         else:
             hot = self.tiered.hot_mask[union.long()].sum()
-        self._store(ctx, [[n, hot, n, 0, 0]], (False,))
+        step.record(self.layer, [[n, hot, n, 0, 0]], (False,))
 
     def _record(
         self,
-        ctx: StepContext,
-        modes: tuple[str, ...],
+        step: ForwardStep,
+        modes: tuple[SparsityMode, ...],
         B: int,
         T: int,
         row_mask: torch.Tensor,
@@ -215,7 +175,7 @@ class SparseFFN(nn.Module):
         hot = (rm & self.tiered.hot_mask).sum((1, 2))  # (B,)
         union = rm.any(1).sum(-1)  # (B,)
         measured = tuple(
-            truth is not None and (mo == "oracle" or ctx.measure_truth) for mo in modes
+            truth is not None and (mo == SparsityMode.ORACLE or step.measure_truth) for mo in modes
         )  # per row: only where the row's own mode (or the caller) asked for it
         if truth is not None:
             tm = truth.reshape(B, T, self.m)
@@ -223,7 +183,10 @@ class SparseFFN(nn.Module):
             computed = (tm & rm).sum((1, 2))  # (B,)
         else:
             truly = computed = torch.zeros_like(selected)
-        self._store(ctx, torch.stack([selected, hot, union, truly, computed], dim=1), measured)
+        step.record(self.layer, torch.stack([selected, hot, union, truly, computed], dim=1), measured)
+
+
+_MODE_INDEX = {SparsityMode.DENSE: 0, SparsityMode.ORACLE: 1, SparsityMode.PREDICTED: 2}
 
 
 def _real_tokens(lengths: tuple[int, ...], T: int, device: torch.device) -> torch.Tensor:

@@ -23,6 +23,7 @@ from torch import nn
 
 from sparseinfer.model.config import ModelConfig
 from sparseinfer.model.linear import Linear
+from sparseinfer.model.step import ForwardStep
 
 
 def activation_fn(name: str, threshold: float = 0.0) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -39,8 +40,11 @@ def activation_fn(name: str, threshold: float = 0.0) -> Callable[[torch.Tensor],
 
 
 class FFN(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """The dense FFN of decoder layer ``layer``; ``forward(x, step)`` counts every neuron into ``step``."""
+
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer
         d, m, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.gated = config.ffn_gated
         self.activation = config.activation
@@ -59,5 +63,8 @@ class FFN(nn.Module):
             h = h * up
         return h
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: ForwardStep | None = None) -> torch.Tensor:
+        if step is not None:  # every neuron of every real token; served by the GPU when the model is there
+            m = self.gate_proj.weight.shape[0]
+            step.record_dense(self.layer, m, m if x.device.type == "cuda" else 0, x.shape[1])
         return self.down_proj(self.neuron_activations(x))  # (..., d)

@@ -21,7 +21,6 @@ mask is built when every row is at the same position and T == 1.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +29,10 @@ from torch import nn
 from sparseinfer import ops
 from sparseinfer.model.config import ModelConfig
 from sparseinfer.model.ffn import FFN
+from sparseinfer.model.kv_cache import KVCache
 from sparseinfer.model.linear import Linear
 from sparseinfer.model.rope import apply_rope, inverse_frequencies, rope_tables
-
-if TYPE_CHECKING:  # the engine package imports the model; importing it back only for types avoids a cycle
-    from sparseinfer.engine.kv_cache import KVCache
+from sparseinfer.model.step import ForwardStep
 
 
 class RMSNorm(nn.Module):
@@ -48,7 +46,7 @@ class RMSNorm(nn.Module):
 
 
 @dataclass
-class _Step:
+class _Attend:
     """Per-forward attention bookkeeping, computed once and shared by every layer."""
 
     window: int  # keys to attend over: the longest row's length after this step
@@ -79,6 +77,11 @@ class _Step:
         return buf[self.slots, :, : self.window]
 
 
+def causal_attend(T: int) -> _Attend:
+    """The attention bookkeeping of a cache-less causal pass over T tokens from position 0."""
+    return _Attend(window=T, mask=None, is_causal=T > 1, slot_slice=None, slots=None, start=0, positions=None)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -94,7 +97,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        step: _Step,
+        attend: _Attend,
         k_cache: torch.Tensor | None,
         v_cache: torch.Tensor | None,
     ) -> torch.Tensor:
@@ -104,15 +107,15 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if k_cache is not None and v_cache is not None:
-            step.write(k_cache, k)
-            step.write(v_cache, v)
-            k, v = step.read(k_cache), step.read(v_cache)  # (B, KVH, window, hd)
+            attend.write(k_cache, k)
+            attend.write(v_cache, v)
+            k, v = attend.read(k_cache), attend.read(v_cache)  # (B, KVH, window, hd)
         gqa = self.num_heads != self.num_kv_heads
-        if step.length_groups is not None:
-            y = _attend_by_length(q, k, v, step.length_groups, gqa)
+        if attend.length_groups is not None:
+            y = _attend_by_length(q, k, v, attend.length_groups, gqa)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=step.mask, is_causal=step.is_causal, enable_gqa=gqa
+                q, k, v, attn_mask=attend.mask, is_causal=attend.is_causal, enable_gqa=gqa
             )  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, d)
 
@@ -143,12 +146,12 @@ def _attend_by_length(
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = FFN(config)
+        self.mlp: nn.Module = FFN(config, layer)  # the engine's SparseFFN replaces it for sparse execution
         self.residual_scale = config.residual_scale
 
     def forward(
@@ -156,13 +159,14 @@ class Block(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        step: _Step,
+        attend: _Attend,
         k_cache: torch.Tensor | None,
         v_cache: torch.Tensor | None,
+        step: ForwardStep | None,
     ) -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(x), cos, sin, step, k_cache, v_cache)  # (B, T, d)
+        a = self.self_attn(self.input_layernorm(x), cos, sin, attend, k_cache, v_cache)  # (B, T, d)
         x = x + a * self.residual_scale if self.residual_scale != 1.0 else x + a
-        f = self.mlp(self.post_attention_layernorm(x))  # (B, T, d)
+        f = self.mlp(self.post_attention_layernorm(x), step)  # (B, T, d)
         return x + f * self.residual_scale if self.residual_scale != 1.0 else x + f
 
 
@@ -171,7 +175,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -189,8 +193,6 @@ class Transformer(nn.Module):
 
     def new_cache(self, max_batch: int, max_seq: int) -> KVCache:
         """A KV cache in this model's dtype and device."""
-        from sparseinfer.engine.kv_cache import KVCache
-
         return KVCache(self.config, max_batch, max_seq, dtype=self.dtype, device=self.device)
 
     def _rope(self, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,44 +217,46 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         slots: torch.Tensor | None = None,
         last_only: bool = False,
-        lengths: torch.Tensor | None = None,
+        step: ForwardStep | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) with ``last_only``, as float32.
 
         tokens: (B, T) token ids. With ``cache``, row b continues the sequence in slot ``slots[b]``
-        (default: slot b). ``lengths`` (B,) on the CPU, with ``cache`` and ``last_only`` only: row b's
-        first ``lengths[b]`` tokens are real, the rest right padding (see the module docstring).
+        (default: slot b). ``step`` (``model.step``): the rows' sparsity modes and, with ``cache`` and
+        ``last_only`` only, their real ``lengths`` when right-padded (see the module docstring); every FFN
+        records its counts into it. None: every row dense, nothing counted.
         """
         B, T = tokens.shape
-        if lengths is not None:
+        lengths = None
+        if step is not None and step.lengths is not None:
             if cache is None or not last_only:
                 raise ValueError("lengths (right-padded rows) needs a cache and last_only=True")
-            if lengths.shape != (B,) or int(lengths.min()) < 1 or int(lengths.max()) > T:
-                raise ValueError(f"lengths must be (B,) = ({B},) values in [1, {T}], got {lengths.tolist()}")
+            if len(step.lengths) != B or min(step.lengths) < 1 or max(step.lengths) > T:
+                got = list(step.lengths)
+                raise ValueError(f"lengths must be (B,) = ({B},) values in [1, {T}], got {got}")
+            lengths = torch.tensor(step.lengths)  # (B,) on the CPU
         x = self.embed_tokens(tokens)  # (B, T, d)
         if self.config.embedding_scale != 1.0:
             x = x * self.config.embedding_scale
         if cache is None:
             cos, sin = self._rope(T)
             cos, sin = cos[None, None, :T], sin[None, None, :T]  # (1, 1, T, hd)
-            step = _Step(
-                window=T, mask=None, is_causal=T > 1, slot_slice=None, slots=None, start=0, positions=None
-            )
+            attend = causal_attend(T)
         else:
             if cache.dtype != self.dtype:
                 raise ValueError(f"KV cache dtype {cache.dtype} differs from the model dtype {self.dtype}")
             if slots is None:
                 slots = torch.arange(B)
-            cos, sin, step = self._cached_step(cache, slots, T)
+            cos, sin, attend = self._cached_step(cache, slots, T)
             if lengths is not None and int(lengths.min()) < T:
-                if step.start != 0:
+                if attend.start != 0:
                     raise ValueError("right-padded rows (lengths) must all start in an empty cache slot")
-                step.length_groups = _length_groups(lengths.tolist(), self.device)
+                attend.length_groups = _length_groups(lengths.tolist(), self.device)
 
         for i, layer in enumerate(self.layers):
             k_cache = cache.k[i] if cache is not None else None
             v_cache = cache.v[i] if cache is not None else None
-            x = layer(x, cos, sin, step, k_cache, v_cache)  # (B, T, d)
+            x = layer(x, cos, sin, attend, k_cache, v_cache, step)  # (B, T, d)
 
         if lengths is not None:
             last = (lengths - 1).to(x.device)  # (B,) each row's last real token
@@ -269,7 +273,7 @@ class Transformer(nn.Module):
 
     def _cached_step(
         self, cache: KVCache, slots: torch.Tensor, T: int
-    ) -> tuple[torch.Tensor, torch.Tensor, _Step]:
+    ) -> tuple[torch.Tensor, torch.Tensor, _Attend]:
         starts = cache.reserve(slots, T)  # (B,) on the CPU; raises before anything is written
         slots_cpu = slots.to("cpu", torch.long)
         B = slots_cpu.numel()
@@ -299,7 +303,7 @@ class Transformer(nn.Module):
             limit = (starts[:, None] + torch.arange(T)).to(dev)  # (B, T)
             keys = torch.arange(window, device=dev)  # (window,)
             mask = (keys[None, None, :] <= limit[:, :, None]).unsqueeze(1)  # (B, 1, T, window)
-        step = _Step(
+        attend = _Attend(
             window=window,
             mask=mask,
             is_causal=is_causal,
@@ -308,4 +312,4 @@ class Transformer(nn.Module):
             start=first if uniform else None,
             positions=positions,
         )
-        return cos, sin, step
+        return cos, sin, attend

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparseinfer.engine.accounting import MODES
+from sparseinfer.model.step import MODES
 
 MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024  # the ceiling; a model's own limit is usually far lower
 MAX_SEND_MESSAGE_BYTES = 16 * 1024 * 1024

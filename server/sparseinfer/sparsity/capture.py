@@ -19,12 +19,7 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from sparseinfer.model.transformer import Transformer, _Step
-
-
-def _causal_step(T: int) -> _Step:
-    """Attention bookkeeping of a cache-less causal pass from position 0, as Transformer.forward has it."""
-    return _Step(window=T, mask=None, is_causal=T > 1, slot_slice=None, slots=None, start=0, positions=None)
+from sparseinfer.model.transformer import Transformer, causal_attend
 
 
 @torch.no_grad()
@@ -50,7 +45,7 @@ def layerwise_ffn_inputs(
     device, cfg = model.device, model.config
     cos, sin = model._rope(T)
     cos, sin = cos[None, None, :T], sin[None, None, :T]  # (1, 1, T, hd)
-    step = _causal_step(T)
+    attend = causal_attend(T)
 
     stream = torch.empty(n_seq, T, cfg.hidden_size, dtype=model.dtype, device=device)  # (N, T, d) residual
     for s in range(0, n_seq, chunk):
@@ -65,7 +60,7 @@ def layerwise_ffn_inputs(
         # Attention half: stream becomes the post-attention residual, ffn_in its RMSNorm (the FFN input).
         for s in range(0, n_seq, chunk):
             x = stream[s : s + chunk]  # (c, T, d)
-            a = layer.self_attn(layer.input_layernorm(x), cos, sin, step, None, None)  # (c, T, d)
+            a = layer.self_attn(layer.input_layernorm(x), cos, sin, attend, None, None)  # (c, T, d)
             x = x + a * layer.residual_scale if layer.residual_scale != 1.0 else x + a
             stream[s : s + chunk] = x
             ffn_in[s : s + chunk] = layer.post_attention_layernorm(x)
@@ -75,10 +70,3 @@ def layerwise_ffn_inputs(
             f = layer.mlp(ffn_in[s : s + chunk])  # (c, T, d)
             x = stream[s : s + chunk]
             stream[s : s + chunk] = x + f * layer.residual_scale if layer.residual_scale != 1.0 else x + f
-
-
-def ffn_inputs(
-    model: Transformer, tokens: torch.Tensor, batch_size: int = 8, progress: bool = True
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """``layerwise_ffn_inputs`` under the contract's other name (``batch_size`` = sequences per chunk)."""
-    return layerwise_ffn_inputs(model, tokens, chunk=batch_size, progress=progress)

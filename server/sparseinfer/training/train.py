@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from sparseinfer.model.config import ModelConfig
-from sparseinfer.model.transformer import Transformer, _Step
+from sparseinfer.model.transformer import Transformer, causal_attend
 from sparseinfer.training.bpe import BOS_ID, EOS_ID
 
 # our variant name -> (config.json hidden_act, gated FFN)
@@ -129,9 +129,9 @@ def training_logits(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     x = model.embed_tokens(tokens)  # (B, T, d)
     cos, sin = model._rope(T)
     cos, sin = cos[None, None, :T], sin[None, None, :T]  # (1, 1, T, hd)
-    step = _Step(window=T, mask=None, is_causal=T > 1, slot_slice=None, slots=None, start=0, positions=None)
+    attend = causal_attend(T)
     for layer in model.layers:
-        x = x + layer.self_attn(_rms_norm(x, layer.input_layernorm.weight, eps), cos, sin, step, None, None)
+        x = x + layer.self_attn(_rms_norm(x, layer.input_layernorm.weight, eps), cos, sin, attend, None, None)
         x = x + layer.mlp(_rms_norm(x, layer.post_attention_layernorm.weight, eps))  # (B, T, d)
     return model.lm_head(_rms_norm(x, model.norm.weight, eps))  # (B, T, vocab)
 
