@@ -8,7 +8,7 @@ in-process (``start_server`` on port 0), so the round trips include both sides' 
 - ``test_round_trip_tokenize``: a unary call that does no model work: the client + gRPC + servicer overhead.
 - ``test_round_trip_generate_one_token``: Generate with max_new_tokens=1: the above plus the batcher hand-off
   and one prefill.
-- ``test_batched_decode_step[B]``: one ``Generator.decode_step`` over B running sequences (the unit the
+- ``test_batched_decode_step[B]``: one ``Engine.decode_step`` over B running sequences (the unit the
   server's batcher schedules); per-token cost at B is the time / B.
 """
 
@@ -67,7 +67,7 @@ def test_round_trip_generate_one_token(benchmark, client, model_dir):
 
 @pytest.mark.parametrize("batch", [1, 16])
 def test_batched_decode_step(benchmark, model_dir, batch):
-    from sparseinfer.engine.generate import Generator
+    from sparseinfer.engine.generate import Engine
     from sparseinfer.engine.sampling import SamplingParams
     from sparseinfer.model import load_model, load_tokenizer
 
@@ -76,7 +76,7 @@ def test_batched_decode_step(benchmark, model_dir, batch):
     rounds, warmup = 30, 3
     ids = tokenizer.encode(PROMPT)
     steps = rounds + warmup + 1
-    generator = Generator(model, tokenizer, max_batch=batch, max_seq=len(ids) + steps + 1)
+    generator = Engine(model, tokenizer, max_batch=batch, max_seq=len(ids) + steps + 1)
     params = SamplingParams(max_new_tokens=steps, temperature=0.0, ignore_eos=True)
     seqs = [generator.start(ids, params) for _ in range(batch)]
     for seq in seqs:

@@ -1,4 +1,4 @@
-"""Dense decode speed at batch 1: our Generator vs Hugging Face ``generate``; same model, threads and run.
+"""Dense decode speed at batch 1: our Engine vs Hugging Face ``generate``; same model, threads and run.
 
 Run: ``pytest benchmarks/test_dense_decode.py`` (not part of the plain ``pytest``, whose testpaths is tests/).
 Threads: $SPARSEINFER_BENCH_THREADS, default all cores. Rounds: $SPARSEINFER_BENCH_ROUNDS, default 5.
@@ -27,7 +27,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from sparseinfer.bench.machine import cpu_model  # noqa: E402
-from sparseinfer.engine import Generator, SamplingParams  # noqa: E402
+from sparseinfer.engine import Engine, SamplingParams  # noqa: E402
 from sparseinfer.model import load_model, load_tokenizer  # noqa: E402
 from sparseinfer.model.random_checkpoint import build_tokenizer  # noqa: E402
 
@@ -74,7 +74,7 @@ def results():
 
 def _ours(checkpoint: Path, dtype: torch.dtype, prompt: list[int]):
     model, tok = load_model(checkpoint, dtype=dtype), load_tokenizer(checkpoint)
-    gen = Generator(model, tok, max_batch=1, max_seq=PROMPT_TOKENS + NEW_TOKENS)
+    gen = Engine(model, tok, max_batch=1, max_seq=PROMPT_TOKENS + NEW_TOKENS)
 
     def run(n: int) -> tuple[int, ...]:
         params = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from sparseinfer.cli import main, read_environment
-from sparseinfer.engine import Generator, SamplingParams
+from sparseinfer.engine import Engine, SamplingParams
 from sparseinfer.model import load_model, load_tokenizer
 
 PROMPT = "Once upon a time"
@@ -24,7 +24,7 @@ def _run(argv, capsys):
 
 def _library_text(path, params):
     model, tok = load_model(path), load_tokenizer(path)
-    return Generator(model, tok).generate(PROMPT, params).text
+    return Engine(model, tok).generate(PROMPT, params).text
 
 
 @pytest.mark.parametrize(

@@ -11,17 +11,21 @@ and exit 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 
 from sparseinfer.engine.sampling import SamplingParams
 from sparseinfer.model.config import DTYPES, SUPPORTED_ACTIVATIONS
+
+if TYPE_CHECKING:
+    from sparseinfer.engine.factory import EngineConfig
 
 EXIT_USAGE = 2
 
@@ -36,13 +40,34 @@ class Environment:
 
     model: str | None = None  # SPARSEINFER_MODEL: default for --model
     auth_token: str | None = None  # SPARSEINFER_AUTH_TOKEN: default for `serve --auth-token`
+    dense_linear: str = "auto"  # SPARSEINFER_DENSE_LINEAR: auto | torch | rows (model.linear)
+    hugepages: bool = True  # SPARSEINFER_HUGEPAGES=0 keeps CPU weights out of huge pages (engine.hugepages)
+
+    def engine_config(self, **fields: Any) -> EngineConfig:
+        """An ``engine.factory.EngineConfig`` of ``fields`` with this environment's settings."""
+        from sparseinfer.engine.factory import EngineConfig
+        from sparseinfer.engine.modes import SparsityConfig
+
+        sparsity = fields.pop("sparsity", SparsityConfig())
+        sparsity = dataclasses.replace(sparsity, hugepages=self.hugepages)
+        return EngineConfig(sparsity=sparsity, dense_linear=self.dense_linear, **fields)
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
     """The one place environment variables are read (at run time, never at import)."""
+    from sparseinfer.model.linear import DENSE_LINEAR_CHOICES
+
     env = os.environ if environ is None else environ
+    dense_linear = (env.get("SPARSEINFER_DENSE_LINEAR") or "auto").strip().lower()
+    if dense_linear not in DENSE_LINEAR_CHOICES:
+        raise UsageError(
+            f"SPARSEINFER_DENSE_LINEAR must be {', '.join(DENSE_LINEAR_CHOICES)}, got {dense_linear!r}"
+        )
     return Environment(
-        model=env.get("SPARSEINFER_MODEL") or None, auth_token=env.get("SPARSEINFER_AUTH_TOKEN") or None
+        model=env.get("SPARSEINFER_MODEL") or None,
+        auth_token=env.get("SPARSEINFER_AUTH_TOKEN") or None,
+        dense_linear=dense_linear,
+        hugepages=(env.get("SPARSEINFER_HUGEPAGES") or "1").strip() != "0",
     )
 
 
@@ -51,10 +76,7 @@ class GenerateConfig:
     model: Path
     prompt: str
     params: SamplingParams
-    dtype: torch.dtype | None  # None keeps the checkpoint's dtype
-    threads: int | None  # None keeps torch's default
-    sparsity: str = "dense"  # dense | oracle | predicted (engine.modes)
-    gpu_memory: int | None = None  # bytes for hot neurons + dense parts on the GPU; None: no placement
+    engine: EngineConfig  # max_seq is sized by run_generate for this one request
 
 
 @dataclass(frozen=True)
@@ -177,39 +199,37 @@ def generate_config(args: argparse.Namespace, env: Environment) -> GenerateConfi
     except ValueError as e:
         raise UsageError(f"invalid sampling parameter: {e}") from None
     dtype = DTYPES[args.dtype] if args.dtype else None
+    from sparseinfer.engine.modes import SparsityConfig
     from sparseinfer.engine.placement import parse_memory
 
     try:
         gpu_memory = parse_memory(args.gpu_memory) if args.gpu_memory is not None else None
+        engine = env.engine_config(
+            dtype=dtype,
+            threads=args.threads,
+            sparsity=SparsityConfig(mode=args.sparsity, gpu_memory=gpu_memory),
+        )
+        engine.validate()
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return GenerateConfig(Path(model), args.prompt, params, dtype, args.threads, args.sparsity, gpu_memory)
+    return GenerateConfig(Path(model), args.prompt, params, engine)
 
 
 def run_generate(config: GenerateConfig, out: TextIO, err: TextIO) -> None:
     """Stream one completion to ``out`` and a one-line summary to ``err``."""
-    from sparseinfer.engine.generate import Generator
-    from sparseinfer.model import load_model, load_tokenizer
+    from sparseinfer.engine.factory import load_engine
+    from sparseinfer.model import load_tokenizer
 
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
     if not config.model.is_dir():
         raise UsageError(f"--model {config.model}: not a directory")
     tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, dtype=config.dtype)
     prompt_ids = tokenizer.encode(config.prompt)
     # Size the cache for this one request instead of the model's whole context (GBs for a 7B model);
-    # the generator still rejects a request that exceeds the context length.
+    # the engine still rejects a request that exceeds the context length.
     max_seq = len(prompt_ids) + config.params.max_new_tokens
-    runtime = None
-    if config.sparsity != "dense" or config.gpu_memory is not None:
-        from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
-
-        sparsity = SparsityConfig(mode=config.sparsity, gpu_memory=config.gpu_memory)
-        runtime = SparseRuntime.from_checkpoint(model, config.model, sparsity, max_batch=1, max_seq=max_seq)
-        if runtime.placement is not None:
-            err.write(runtime.placement.summary() + "\n")
-    generator = Generator(model, tokenizer, max_batch=1, max_seq=max_seq, sparsity=runtime)
+    generator = load_engine(config.model, dataclasses.replace(config.engine, max_seq=max_seq), tokenizer)
+    if generator.sparsity is not None and generator.sparsity.placement is not None:
+        err.write(generator.sparsity.placement.summary() + "\n")
     seq = generator.start(prompt_ids, config.params)
     final = None
     for event in generator.stream(seq):
@@ -275,8 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sparseinfer`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a usage message on bad flags
-    env = read_environment()
     try:
+        env = read_environment()
         args.run(args, env)
     except UsageError as e:
         return _fail(args.command, str(e))

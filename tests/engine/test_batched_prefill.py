@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparseinfer.engine.generate import Generator
+from sparseinfer.engine.generate import Engine
 from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
 from sparseinfer.engine.sampling import SamplingParams
 from sparseinfer.model import load_model, load_tokenizer
@@ -26,7 +26,7 @@ def _params(i: int) -> SamplingParams:
     )
 
 
-def _run_alone(gen: Generator, prompt: list[int], params: SamplingParams, mode: str | None):
+def _run_alone(gen: Engine, prompt: list[int], params: SamplingParams, mode: str | None):
     """(sequence, its log-probabilities) prefilled and decoded on its own."""
     seq = gen.start(prompt, params, sparsity_mode=mode)
     logprobs = list(gen.prefill(seq).logprobs)
@@ -36,7 +36,7 @@ def _run_alone(gen: Generator, prompt: list[int], params: SamplingParams, mode: 
     return seq, logprobs
 
 
-def _run_together(gen: Generator, prompts, params, modes):
+def _run_together(gen: Engine, prompts, params, modes):
     """The same, all prompts prefilled in one ``prefill_batch`` and decoded in batched steps."""
     seqs = [gen.start(p, sp, sparsity_mode=mo) for p, sp, mo in zip(prompts, params, modes, strict=True)]
     logprobs = [list(e.logprobs) for e in gen.prefill_batch(seqs)]
@@ -86,7 +86,7 @@ def test_prefill_batch_equals_prefill_alone_in_every_mode(calibrated_checkpoint,
     model = load_calibrated(calibrated_checkpoint)
     config = SparsityConfig(mode="predicted", measure_truth=True)
     rt = SparseRuntime.from_checkpoint(model, calibrated_checkpoint, config, max_batch=4, max_seq=64)
-    gen = Generator(model, load_tokenizer(calibrated_checkpoint), max_batch=4, max_seq=64, sparsity=rt)
+    gen = Engine(model, load_tokenizer(calibrated_checkpoint), max_batch=4, max_seq=64, sparsity=rt)
     params = [_params(i) for i in range(len(PROMPTS))]
     alone = [_run_alone(gen, p, sp, mo) for p, sp, mo in zip(PROMPTS, params, modes, strict=True)]
     together = _run_together(gen, PROMPTS, params, modes)
@@ -105,7 +105,7 @@ def test_prefill_batch_equals_prefill_alone_on_the_bundled_model():
     the CPU attention kernel's masked path rounds a bf16 row slightly differently than alone: close, not
     equal.)"""
     path = bundled_model_path()
-    gen = Generator(load_model(path).eval(), load_tokenizer(path), max_batch=4, max_seq=64)
+    gen = Engine(load_model(path).eval(), load_tokenizer(path), max_batch=4, max_seq=64)
     params = [_params(i) for i in range(len(PROMPTS))]
     alone = [_run_alone(gen, p, sp, None) for p, sp in zip(PROMPTS, params, strict=True)]
     together = _run_together(gen, PROMPTS, params, [None] * len(PROMPTS))
@@ -120,7 +120,7 @@ def test_a_failed_prefill_batch_leaves_slots_and_tallies_as_they_were(calibrated
     model = load_calibrated(calibrated_checkpoint)
     config = SparsityConfig(mode="oracle")
     rt = SparseRuntime.from_checkpoint(model, calibrated_checkpoint, config, max_batch=4, max_seq=64)
-    gen = Generator(model, load_tokenizer(calibrated_checkpoint), max_batch=4, max_seq=64, sparsity=rt)
+    gen = Engine(model, load_tokenizer(calibrated_checkpoint), max_batch=4, max_seq=64, sparsity=rt)
     seqs = [gen.start(p, _params(i)) for i, p in enumerate(PROMPTS[:3])]
     # Fail in the last layer's FFN, after every other layer has counted this step.
     last = model.layers[-1].mlp
@@ -138,7 +138,7 @@ def test_a_failed_prefill_batch_leaves_slots_and_tallies_as_they_were(calibrated
 def test_prefill_batch_needs_a_slot_per_prompt(tiny_random_checkpoint):
     model = load_model(tiny_random_checkpoint, dtype=torch.float32).eval()
     cache = KVCache(model.config, 2, 32)
-    gen = Generator(model, load_tokenizer(tiny_random_checkpoint), max_batch=2, max_seq=32, cache=cache)
+    gen = Engine(model, load_tokenizer(tiny_random_checkpoint), max_batch=2, max_seq=32, cache=cache)
     seqs = [gen.start(p, _params(i)) for i, p in enumerate(PROMPTS[:3])]
     with pytest.raises(RuntimeError, match="3 prompts to prefill but 2 free"):
         gen.prefill_batch(seqs)

@@ -6,13 +6,13 @@ import pytest
 import torch
 from engine_fakes import BOS, EOS, ByteTokenizer, FakeModel, ScriptedModel, naive_greedy
 
-from sparseinfer.engine import Generator, SamplingParams
+from sparseinfer.engine import Engine, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=20)
 
 
 def _generator(model=None, max_batch=1, max_seq=None):
-    return Generator(model or FakeModel(), ByteTokenizer(), max_batch=max_batch, max_seq=max_seq)
+    return Engine(model or FakeModel(), ByteTokenizer(), max_batch=max_batch, max_seq=max_seq)
 
 
 def _scripted(text: str, prompt: str = "hi", max_batch: int = 1):

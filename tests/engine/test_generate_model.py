@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from sparseinfer.engine import Generator, SamplingParams
+from sparseinfer.engine import Engine, SamplingParams
 from sparseinfer.model import load_model, load_tokenizer
 
 PROMPTS = ["The quick brown fox", "A", "Most neurons of a feed-forward layer stay quiet for any given token"]
@@ -28,7 +28,7 @@ def _naive_greedy(model, ids, n):
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_matches_no_cache_forwards_and_transformers(llama, tiny_llama_checkpoint, prompt):
     model, tok = llama
-    result = Generator(model, tok, max_seq=64).generate(prompt, GREEDY)
+    result = Engine(model, tok, max_seq=64).generate(prompt, GREEDY)
     ids = tok.encode(prompt)
     assert list(result.token_ids) == _naive_greedy(model, ids, 16)
 
@@ -40,7 +40,7 @@ def test_greedy_matches_no_cache_forwards_and_transformers(llama, tiny_llama_che
 
 def test_streamed_text_is_the_decoded_completion(llama):
     model, tok = llama
-    gen = Generator(model, tok, max_seq=64)
+    gen = Engine(model, tok, max_seq=64)
     events = list(gen.generate_stream(PROMPTS[0], dataclasses.replace(GREEDY, max_new_tokens=24)))
     ids = [t for e in events for t in e.token_ids]
     assert "".join(e.text for e in events) == tok.decode(ids)
@@ -60,8 +60,8 @@ def test_batch_of_different_lengths_equals_each_alone(llama, greedy):
                 temperature=0.7, repetition_penalty=1.3, seed=13, max_new_tokens=9, ignore_eos=True
             ),
         ]
-    alone = [Generator(model, tok, max_seq=64).generate(p, sp) for p, sp in zip(PROMPTS, params, strict=True)]
-    batched = Generator(model, tok, max_batch=3, max_seq=64).generate_batch(PROMPTS, params)
+    alone = [Engine(model, tok, max_seq=64).generate(p, sp) for p, sp in zip(PROMPTS, params, strict=True)]
+    batched = Engine(model, tok, max_batch=3, max_seq=64).generate_batch(PROMPTS, params)
     assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
     assert [r.text for r in batched] == [r.text for r in alone]
 
@@ -71,6 +71,6 @@ def test_random_checkpoint_bf16_runs(tmp_path):
 
     path = write_random_checkpoint(tmp_path / "ckpt")
     model, tok = load_model(path, dtype=torch.bfloat16), load_tokenizer(path)
-    result = Generator(model, tok, max_seq=64).generate("Once upon a time", GREEDY)
+    result = Engine(model, tok, max_seq=64).generate("Once upon a time", GREEDY)
     assert result.completion_tokens == 16
     assert result.stats.decode_tokens_per_s > 0

@@ -32,10 +32,13 @@ def test_small_tensors_are_left_alone():
     assert to_hugepages(t) is t
 
 
-def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setenv("SPARSEINFER_HUGEPAGES", "0")
+def test_switched_off_by_the_engine_setting():
     t = torch.randn(700, 1500)
-    assert not hugepages.enabled() and to_hugepages(t) is t
+    assert to_hugepages(t, wanted=False) is t
+    from sparseinfer.cli import read_environment
+
+    assert read_environment({"SPARSEINFER_HUGEPAGES": "0"}).engine_config().sparsity.hugepages is False
+    assert read_environment({}).engine_config().sparsity.hugepages is True
 
 
 @needs_thp

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from sparseinfer.engine import Generator
+from sparseinfer.engine import Engine
 from sparseinfer.engine.sampling import RequestSampler, SamplingParams, sample_batch, sample_batch_scored
 from sparseinfer.model import load_model, load_tokenizer
 
@@ -122,7 +122,7 @@ def _forward_logprobs(model, ids, new_ids):
 )
 def test_generator_logprobs_match_the_models_forward(llama, params):
     model, tok = llama
-    gen = Generator(model, tok, max_seq=64)
+    gen = Engine(model, tok, max_seq=64)
     prompt = "The quick brown fox"
     plain = gen.generate(prompt, params)
     scored = gen.generate(prompt, dataclasses.replace(params, logprobs=True))
@@ -143,7 +143,7 @@ def test_generator_batch_logprobs_equal_each_alone(llama):
         SamplingParams(temperature=1.0, seed=6, max_new_tokens=7, ignore_eos=True),
     ]
     prompts = ["A", "Most neurons stay quiet", "The quick brown fox"]
-    gen = Generator(model, tok, max_batch=3, max_seq=64)
+    gen = Engine(model, tok, max_batch=3, max_seq=64)
     batch = gen.generate_batch(prompts, params)
     for prompt, p, result in zip(prompts, params, batch, strict=True):
         alone = gen.generate(prompt, p)

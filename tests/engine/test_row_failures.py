@@ -17,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sparseinfer.engine.errors import InvalidRequest, RequestFailed, StepFailed
-from sparseinfer.engine.generate import Generator
+from sparseinfer.engine.generate import Engine
 from sparseinfer.engine.sampling import RequestSampler, SamplingParams, sample_batch_scored
 from sparseinfer.model import load_model, load_tokenizer
 
@@ -61,7 +61,7 @@ def test_every_valid_sampling_value_is_computable(temperature, top_k, top_p, pen
 @pytest.fixture(scope="module")
 def generator(tiny_random_checkpoint):
     model = load_model(tiny_random_checkpoint, dtype=torch.float32).eval()
-    return Generator(model, load_tokenizer(tiny_random_checkpoint), max_batch=4, max_seq=64)
+    return Engine(model, load_tokenizer(tiny_random_checkpoint), max_batch=4, max_seq=64)
 
 
 PROMPTS = ([5, 6, 7], [9, 10], [11, 12, 13, 14])

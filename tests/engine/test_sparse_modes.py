@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparseinfer.cli import main
-from sparseinfer.engine.generate import Generator
+from sparseinfer.engine.generate import Engine
 from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
 from sparseinfer.engine.placement import dense_bytes, neuron_bytes
 from sparseinfer.engine.sampling import SamplingParams
@@ -51,7 +51,7 @@ class PerfectPredictor:
         keep = active_mask(self.ffn.neuron_activations(x), self.norms, self.eps)
         return keep.float() * 2 - 1
 
-    def to(self, device, dtype):
+    def to(self, device, dtype, hugepages=True):
         return self
 
     numel = 0
@@ -84,7 +84,7 @@ def test_hybrid_placement_equals_single_tier(calibrated_checkpoint, load_calibra
     x = tokens(seed=2)
     torch.testing.assert_close(model(x), single(x), rtol=1e-5, atol=1e-5)
     # And the accounting splits the computed neurons between the tiers accordingly.
-    gen = Generator(model, load_tokenizer(calibrated_checkpoint), max_batch=1, max_seq=64, sparsity=rt)
+    gen = Engine(model, load_tokenizer(calibrated_checkpoint), max_batch=1, max_seq=64, sparsity=rt)
     seq = gen.start([5, 6, 7], GREEDY)
     assert seq.sparsity.report().tokens == 0
     list(gen.stream(seq))
@@ -100,7 +100,7 @@ def test_hybrid_placement_equals_single_tier(calibrated_checkpoint, load_calibra
 def test_batch_independence_across_mixed_modes(calibrated_checkpoint, load_calibrated):
     model = load_calibrated(calibrated_checkpoint)
     rt = runtime(model, calibrated_checkpoint, "predicted", measure_truth=False)
-    gen = Generator(model, load_tokenizer(calibrated_checkpoint), max_batch=4, max_seq=64, sparsity=rt)
+    gen = Engine(model, load_tokenizer(calibrated_checkpoint), max_batch=4, max_seq=64, sparsity=rt)
     prompts = [[3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13, 14], [15, 16]]
     modes = ["oracle", "predicted", "dense", None]
     params = [SamplingParams(max_new_tokens=6, temperature=0.8, seed=i, ignore_eos=True) for i in range(4)]
@@ -114,7 +114,7 @@ def test_accounting_matches_brute_force_in_oracle_mode(calibrated_checkpoint, lo
     """computed/true shares from the engine == the truncated model's own counts over the same tokens."""
     model = load_calibrated(calibrated_checkpoint)
     rt = runtime(model, calibrated_checkpoint, "oracle")
-    gen = Generator(model, load_tokenizer(calibrated_checkpoint), max_batch=1, max_seq=64, sparsity=rt)
+    gen = Engine(model, load_tokenizer(calibrated_checkpoint), max_batch=1, max_seq=64, sparsity=rt)
     prompt = [3, 14, 15, 92, 65]
     seq = gen.start(prompt, GREEDY)
     list(gen.stream(seq))
@@ -146,7 +146,7 @@ def test_predicted_mode_measures_truth_and_recall_when_asked(calibrated_checkpoi
         layer.mlp.register_forward_pre_hook(
             lambda mod, args, li=li: seen[li].append(args[0].reshape(-1, args[0].shape[-1]))
         )
-    gen = Generator(model, load_tokenizer(calibrated_checkpoint), max_batch=1, max_seq=64, sparsity=rt)
+    gen = Engine(model, load_tokenizer(calibrated_checkpoint), max_batch=1, max_seq=64, sparsity=rt)
     seq = gen.start([3, 14, 15], GREEDY)
     list(gen.stream(seq))
     report = seq.sparsity.report()
@@ -183,21 +183,19 @@ def test_missing_sidecar_sections_name_the_command(
     # A per-request override to a mode the sidecar cannot serve is refused at start, naming the command.
     model = load_calibrated(calibration_only_checkpoint)
     rt = runtime(model, calibration_only_checkpoint, "oracle")
-    gen = Generator(model, load_tokenizer(calibration_only_checkpoint), max_batch=1, max_seq=64, sparsity=rt)
+    gen = Engine(model, load_tokenizer(calibration_only_checkpoint), max_batch=1, max_seq=64, sparsity=rt)
     with pytest.raises(SidecarError, match="train-predictor"):
         gen.start([3, 4], GREEDY, sparsity_mode="predicted")
     with pytest.raises(ValueError, match="sparsity mode must be one of"):
         gen.start([3, 4], GREEDY, sparsity_mode="fast")
-    plain = Generator(
-        load_calibrated(calibration_only_checkpoint), load_tokenizer(calibration_only_checkpoint)
-    )
+    plain = Engine(load_calibrated(calibration_only_checkpoint), load_tokenizer(calibration_only_checkpoint))
     with pytest.raises(ValueError, match="runs the model dense"):
         plain.start([3, 4], GREEDY, sparsity_mode="oracle")
 
 
 def test_dense_generator_counts_every_neuron(calibrated_checkpoint, load_calibrated):
     model = load_calibrated(calibrated_checkpoint)
-    gen = Generator(model, load_tokenizer(calibrated_checkpoint), max_batch=1, max_seq=64)
+    gen = Engine(model, load_tokenizer(calibrated_checkpoint), max_batch=1, max_seq=64)
     seq = gen.start([3, 4, 5], GREEDY)
     list(gen.stream(seq))
     r = seq.sparsity.report()

@@ -38,13 +38,13 @@ def test_server_loads_and_decodes_on_the_engine_thread(tiny_llama_checkpoint, mo
     def recording_load(config):
         threads["load"] = threading.current_thread().name
         served = load(config)
-        decode_step = served.generator.decode_step
+        decode_step = served.engine.decode_step
 
         def recording_step(seqs):
             threads["decode"] = threading.current_thread().name
             return decode_step(seqs)
 
-        served.generator.decode_step = recording_step
+        served.engine.decode_step = recording_step
         return served
 
     monkeypatch.setattr(server, "load_served", recording_load)

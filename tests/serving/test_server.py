@@ -1,6 +1,6 @@
 """The real server through the real client: generation, batching independence, health, reflection, metrics.
 
-The oracle for generated tokens is the engine itself driven directly (``Generator.generate``, no server),
+The oracle for generated tokens is the engine itself driven directly (``Engine.generate``, no server),
 and for batching the same request run alone through the server.
 """
 
@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serving_helpers import idle, wait_until
 
-from sparseinfer.engine.generate import Generator
+from sparseinfer.engine.generate import Engine
 from sparseinfer.engine.sampling import SamplingParams
 from sparseinfer.model import load_model, load_tokenizer
 from sparseinfer_client import NO_RETRY, Client
@@ -24,7 +24,7 @@ from sparseinfer_client import NO_RETRY, Client
 def test_unary_matches_the_engine_alone(client, tiny_llama_checkpoint):
     model, tok = load_model(tiny_llama_checkpoint), load_tokenizer(tiny_llama_checkpoint)
     params = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=40, seed=7, ignore_eos=True)
-    expected = Generator(model, tok, max_seq=64).generate("Hello there", params)
+    expected = Engine(model, tok, max_seq=64).generate("Hello there", params)
     got = client.generate(
         "Hello there",
         max_new_tokens=12,

@@ -1,6 +1,6 @@
 """Per-request sparsity modes through the server, against the engine alone with the same sparse runtime.
 
-The oracle for tokens and for the sparsity report is ``Generator`` + ``SparseRuntime`` driven directly: the
+The oracle for tokens and for the sparsity report is ``Engine`` + ``SparseRuntime`` driven directly: the
 server must return exactly what the engine computed for the request, whatever else was in the batch.
 """
 
@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from sparseinfer.engine.generate import Generator
+from sparseinfer.engine.generate import Engine
 from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
 from sparseinfer.engine.sampling import SamplingParams
 from sparseinfer.model import load_model, load_tokenizer
@@ -36,7 +36,7 @@ def engine_alone(path, mode, params):
     runtime = SparseRuntime.from_checkpoint(
         model, path, SparsityConfig(mode="dense"), max_batch=1, max_seq=128
     )
-    gen = Generator(model, tok, max_batch=1, max_seq=128, sparsity=runtime)
+    gen = Engine(model, tok, max_batch=1, max_seq=128, sparsity=runtime)
     seq = gen.start(PROMPT, params, sparsity_mode=mode)
     events = list(gen.stream(seq))
     return [t for e in events for t in e.token_ids], seq.sparsity.report()

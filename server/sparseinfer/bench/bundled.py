@@ -4,7 +4,7 @@ Model: ``model.bundled.bundled_model_path()`` (or ``--model DIR``), loaded once 
 ``SparseRuntime`` installed from its sidecar, so every mode runs through the same executors the server uses
 (dense mode included: the executors' dense path).
 
-Decode: one ``Generator`` decodes the same prompt (the first ``--prompt-tokens`` tokens of the text) greedily
+Decode: one ``Engine`` decodes the same prompt (the first ``--prompt-tokens`` tokens of the text) greedily
 in every mode (``start(..., sparsity_mode=)``), the modes interleaved within each round and their order
 reversed every other round (the machine is shared: a noisy neighbour then slows all modes alike); tokens/s is
 the sequence's decode rate (tokens after the first / time after the first token), the figure is the median
@@ -136,9 +136,8 @@ def measure_decode(
 
 def run_bundled_bench(config: BundledBenchConfig, out: TextIO) -> dict[str, Any]:
     """Measure; return the JSON-able result (meta + one row per mode)."""
-    from sparseinfer.engine.generate import Generator
-    from sparseinfer.engine.modes import SparsityConfig
-    from sparseinfer.model import load_model, load_tokenizer
+    from sparseinfer.engine.factory import EngineConfig, load_engine
+    from sparseinfer.model import load_tokenizer
     from sparseinfer.model.bundled import bundled_model_path
     from sparseinfer.sparsity.data import load_text_tokens, text_sha256
 
@@ -149,17 +148,18 @@ def run_bundled_bench(config: BundledBenchConfig, out: TextIO) -> dict[str, Any]
     tok = load_tokenizer(path)
     seqs = load_text_tokens(tok, config.text, config.tokens, config.seq_len, min_tokens=config.seq_len)
     prompt = seqs.flatten()[: config.prompt_tokens].tolist()
-    model = load_model(path)
     max_seq = config.prompt_tokens + config.new_tokens
+    generator = load_engine(path, EngineConfig(max_seq=max_seq, per_request_modes=True), tok)
+    model, runtime = generator.model, generator.sparsity
     if max_seq > model.config.max_position_embeddings:
         raise ValueError(
             f"--prompt-tokens + --new-tokens = {max_seq} exceeds the model's context "
             f"{model.config.max_position_embeddings}"
         )
-    runtime = SparseRuntime.from_checkpoint(model, path, SparsityConfig(mode="dense"), 1, max_seq)
+    if runtime is None:
+        raise ValueError(f"{path}: no sparsity sidecar; `bench bundled` compares the sparse modes")
     for mode in config.modes:
         runtime.check_mode(mode)  # a missing sidecar section fails before anything is measured
-    generator = Generator(model, tok, max_batch=1, max_seq=max_seq, sparsity=runtime)
     out.write(f"decode: {len(prompt)}-token prompt, {config.new_tokens} new tokens, {config.rounds} rounds\n")
     decode = measure_decode(generator, prompt, config.modes, config.new_tokens, config.rounds, out)
     rows = []

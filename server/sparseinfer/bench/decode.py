@@ -73,25 +73,23 @@ def step_weight_bytes(model: torch.nn.Module, ffn_share: float) -> int:
 
 def run_decode_bench(config: DecodeBenchConfig, out: TextIO) -> dict[str, Any]:
     """Measure; return the JSON-able result (meta + one row per mode)."""
-    from sparseinfer.engine.generate import Generator
-    from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
+    from sparseinfer.engine.factory import EngineConfig, load_engine
+    from sparseinfer.engine.modes import SparsityConfig
     from sparseinfer.engine.sampling import SamplingParams
-    from sparseinfer.model import load_model, load_tokenizer
 
     config.validate()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     path = write_checkpoint(config, out)
-    tok = load_tokenizer(path)
     max_seq = config.prompt_tokens + config.new_tokens
-    dense_model = load_model(path)
-    dense_bytes = step_weight_bytes(dense_model, 1.0)
-    sparse_model = load_model(path)
-    runtime = SparseRuntime.from_checkpoint(sparse_model, path, SparsityConfig(mode="predicted"), 1, max_seq)
     generators = {
-        "dense": Generator(dense_model, tok, max_batch=1, max_seq=max_seq),
-        "predicted": Generator(sparse_model, tok, max_batch=1, max_seq=max_seq, sparsity=runtime),
+        mode: load_engine(path, EngineConfig(max_seq=max_seq, sparsity=SparsityConfig(mode=mode)))
+        for mode in ("dense", "predicted")
     }
+    dense_model, sparse_model = generators["dense"].model, generators["predicted"].model
+    runtime = generators["predicted"].sparsity
+    assert runtime is not None
+    dense_bytes = step_weight_bytes(dense_model, 1.0)
     g = torch.Generator().manual_seed(config.seed + 1)
     prompt = [0, *torch.randint(2, SHAPE["vocab"], (config.prompt_tokens - 1,), generator=g).tolist()]
     params = SamplingParams(temperature=0.0, max_new_tokens=config.new_tokens, ignore_eos=True)

@@ -42,24 +42,22 @@ class EngineBaseline:
         max_seq: int,
         dtype: str | None = None,
     ) -> None:
-        from sparseinfer.engine.generate import Generator
+        from sparseinfer.engine.factory import EngineConfig, load_engine
+        from sparseinfer.engine.modes import SparsityConfig
         from sparseinfer.engine.sampling import SamplingParams
-        from sparseinfer.model import load_model, load_tokenizer
         from sparseinfer.model.config import DTYPES
 
         def build() -> None:
-            tokenizer = load_tokenizer(model_path)
-            model = load_model(model_path, dtype=DTYPES[dtype] if dtype is not None else None)
-            self.ids = tokenizer.encode(prompt)
-            runtime = None
-            if sparsity not in (None, "dense"):
-                from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
-
-                config = SparsityConfig(mode=sparsity)
-                runtime = SparseRuntime.from_checkpoint(model, model_path, config, max_batch, max_seq)
-            self.generator = Generator(
-                model, tokenizer, max_batch=max_batch, max_seq=max_seq, sparsity=runtime
+            # The server's own engine (serving.config.ServeConfig.engine_config), sized as ModelInfo says.
+            config = EngineConfig(
+                dtype=DTYPES[dtype] if dtype is not None else None,
+                max_batch=max_batch,
+                max_seq=max_seq,
+                sparsity=SparsityConfig(mode=sparsity or "dense"),
+                per_request_modes=True,
             )
+            self.engine = load_engine(model_path, config)
+            self.ids = self.engine.encode(prompt)
             self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
 
         # The server loads its model and decodes on one engine thread (serving.engine_thread: torch work on
@@ -69,7 +67,7 @@ class EngineBaseline:
         self.once()  # warm-up: first-call allocations and caches
 
     def _generate(self) -> tuple[float, float]:
-        stats = self.generator.generate(self.ids, self.params).stats
+        stats = self.engine.generate(self.ids, self.params).stats
         return stats.decode_s / (stats.completion_tokens - 1), stats.total_s / stats.completion_tokens
 
     def once(self) -> tuple[float, float]:

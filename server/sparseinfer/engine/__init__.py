@@ -1,7 +1,7 @@
 """Generation engine: sampling, per-request sequence state, and the step-level generator over a KV cache."""
 
 from sparseinfer.engine.accounting import LayerSparsity, SparsityReport, SparsityTally
-from sparseinfer.engine.generate import Generator
+from sparseinfer.engine.generate import Engine
 from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
 from sparseinfer.engine.sampling import RequestSampler, SamplingParams, process_logits, sample_batch
 from sparseinfer.engine.sequence import (
@@ -14,11 +14,11 @@ from sparseinfer.engine.sequence import (
 )
 
 __all__ = [
+    "Engine",
     "FinishReason",
     "GenerationEvent",
     "GenerationResult",
     "GenerationStats",
-    "Generator",
     "LayerSparsity",
     "RequestSampler",
     "SamplingParams",

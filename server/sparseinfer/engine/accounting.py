@@ -61,7 +61,7 @@ class SparsityTally:
 
     ``layer_neurons[l]`` is layer l's FFN width m_l and ``neuron_bytes[l]`` the weight bytes of one of its
     neurons; both are set by the engine when it creates the sequence (a bare ``SparsityTally()`` is an empty
-    dense tally, so a ``Sequence`` built outside a ``Generator`` still has one).
+    dense tally, so a ``Sequence`` built outside a ``Engine`` still has one).
     """
 
     mode: str = "dense"

@@ -14,7 +14,7 @@ Sparsity: with a ``SparseRuntime`` (``engine.modes``) installed, every request r
 (``start(..., sparsity_mode=)``, default the runtime's); without one every request runs dense. Either way each
 step's FFN work is counted into ``seq.sparsity`` (see ``engine.accounting``).
 
-A ``Generator`` is not thread-safe: one thread (the CLI, or the server's batcher loop) drives it.
+A ``Engine`` is not thread-safe: one thread (the CLI, or the server's batcher loop) drives it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from sparseinfer.model.tokenizer import IncrementalDecoder, Tokenizer
 Prompt = str | SequenceABC[int]
 
 
-class Generator:
+class Engine:
     """Generates text with ``model`` into a KV cache of ``max_batch`` slots of ``max_seq`` positions.
 
     ``max_seq`` defaults to (and is capped at) the model's context length. ``cache`` lets a caller supply

@@ -9,14 +9,13 @@ of 31 interleaved calls). ``sparseinfer bench kernels`` places the dense and the
 way.
 
 Linux only (elsewhere, or with ``/sys/kernel/mm/transparent_hugepage/enabled`` at ``never``, tensors are
-left as they are). ``SPARSEINFER_HUGEPAGES=0`` turns it off: the copy costs resident memory where the
-weights were a memory-mapped checkpoint (whose pages the kernel can then drop, but only under pressure).
+left as they are). ``SparsityConfig.hugepages`` False (the CLI's ``$SPARSEINFER_HUGEPAGES=0``) turns it off:
+the copy costs resident memory where the weights were a memory-mapped checkpoint.
 """
 
 from __future__ import annotations
 
 import mmap
-import os
 from pathlib import Path
 
 import torch
@@ -26,9 +25,8 @@ _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def enabled() -> bool:
-    """Whether ``to_hugepages`` copies: the platform has MADV_HUGEPAGE, THP is not off, and the user has not
-    set SPARSEINFER_HUGEPAGES=0."""
-    if os.environ.get("SPARSEINFER_HUGEPAGES", "1").strip() == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
+    """Whether this platform can back a copy with huge pages: it has MADV_HUGEPAGE and THP is not off."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
         return False
     try:
         return "[never]" not in _THP_MODE.read_text()
@@ -36,14 +34,15 @@ def enabled() -> bool:
         return False
 
 
-def to_hugepages(t: torch.Tensor) -> torch.Tensor:
+def to_hugepages(t: torch.Tensor, wanted: bool = True) -> torch.Tensor:
     """A contiguous copy of CPU tensor ``t`` in huge-page-advised memory (2 MiB aligned), or ``t`` itself
-    where that does not apply: not on the CPU, smaller than one huge page, or ``enabled()`` is false.
+    where that does not apply: not ``wanted`` (the engine's ``hugepages`` setting), not on the CPU, smaller
+    than one huge page, or not ``enabled()`` here.
 
     The copy lives in an anonymous mapping that the returned tensor keeps alive; it is freed with the tensor.
     """
     nbytes = t.numel() * t.element_size()
-    if t.device.type != "cpu" or nbytes < HUGE_PAGE or not enabled():
+    if not wanted or t.device.type != "cpu" or nbytes < HUGE_PAGE or not enabled():
         return t
     # Over-allocate by one huge page so the data can start on a 2 MiB boundary: the kernel backs only
     # aligned 2 MiB extents with huge pages.

@@ -72,6 +72,7 @@ def make_tier(
     ids: torch.Tensor,
     device: torch.device,
     hot: bool,
+    hugepages: bool = True,
 ) -> Tier:
     """Copy rows ``ids`` of a layer's weights into a contiguous shard on ``device``.
 
@@ -87,15 +88,16 @@ def make_tier(
 
     def shard(w: torch.Tensor) -> torch.Tensor:
         if whole and w.is_contiguous():
-            return to_hugepages(w)
-        return to_hugepages(w.index_select(0, ids.to(w.device)).to(device).contiguous())  # (m_t, d)
+            return to_hugepages(w, hugepages)
+        rows = w.index_select(0, ids.to(w.device)).to(device).contiguous()  # (m_t, d)
+        return to_hugepages(rows, hugepages)
 
     w_out_t = to_hugepages(
-        w_out.t().index_select(0, ids.to(w_out.device)).to(device).contiguous()
+        w_out.t().index_select(0, ids.to(w_out.device)).to(device).contiguous(), hugepages
     )  # (m_t, d)
     if device.type == "cpu" and w_out.dtype != torch.float32:
         dense_out = to_hugepages(
-            w_out if whole and w_out.is_contiguous() else w_out_t.t().contiguous()
+            w_out if whole and w_out.is_contiguous() else w_out_t.t().contiguous(), hugepages
         )  # (d, m_t)
     else:
         dense_out = w_out_t.t()  # (d, m_t) view: fp32 BLAS and cuBLAS take either layout at full speed
@@ -108,9 +110,17 @@ class TieredFFN:
     """A layer's neurons in one or two tiers, and the hybrid sparse / dense computation over them."""
 
     def __init__(
-        self, tiers: list[Tier], num_neurons: int, out_device: torch.device, activation: str, threshold: float
+        self,
+        tiers: list[Tier],
+        num_neurons: int,
+        out_device: torch.device,
+        activation: str,
+        threshold: float,
+        rows: bool = False,
     ) -> None:
+        """``rows``: the dense GEMMs through our row kernels (``model.linear``), as the model's were."""
         self.tiers = [t for t in tiers if t.size > 0]
+        self.rows = rows
         self.m = num_neurons
         self.out_device = out_device
         self.activation = activation
@@ -136,9 +146,9 @@ class TieredFFN:
 
     def activations(self, x: torch.Tensor, tier: Tier) -> torch.Tensor:
         """Dense h of one tier's neurons: x (N, d) on the tier's device -> (N, m_t), in x's dtype."""
-        h = self.act(linear(x, tier.w_in))  # (N, m_t)
+        h = self.act(linear(x, tier.w_in, rows=self.rows))  # (N, m_t)
         if tier.w_up is not None:
-            up = linear(x, tier.w_up)  # (N, m_t)
+            up = linear(x, tier.w_up, rows=self.rows)  # (N, m_t)
             h = h * (F.relu(up) if self.activation == "drelu" else up)
         return h
 
@@ -167,7 +177,7 @@ class TieredFFN:
             h = self.activations(xt, t)  # (N, m_t)
             if keep is not None:
                 h = h * keep.to(h.dtype)
-            parts.append(linear(h, t.w_out))  # (N, d) on the tier's device
+            parts.append(linear(h, t.w_out, rows=self.rows))  # (N, d) on the tier's device
         return self._sum(parts)
 
     def _sum(self, parts: list[torch.Tensor]) -> torch.Tensor:

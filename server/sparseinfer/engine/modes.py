@@ -1,8 +1,8 @@
 """Sparse execution for a loaded model: load what the modes need from the sidecar, place the neurons, install
 the executors, and turn each step's counts into the sequences' sparsity tallies.
 
-Per-request modes: a ``Generator`` built with a ``SparseRuntime`` runs every request in its own mode
-(``Generator.start(..., sparsity_mode=...)``, default ``SparsityConfig.mode``); one batched step mixes modes
+Per-request modes: a ``Engine`` built with a ``SparseRuntime`` runs every request in its own mode
+(``Engine.start(..., sparsity_mode=...)``, default ``SparsityConfig.mode``); one batched step mixes modes
 freely because each row computes exactly its own active set (see ``sparse_ffn.py``). A mode whose sidecar
 section is missing is refused when the request starts, with the command that writes the section.
 """
@@ -48,6 +48,7 @@ class SparsityConfig:
     crossover: float | None = None  # union density above which a layer runs dense (None: measured default)
     measure_truth: bool = False  # predicted/dense rows also compute the true active set (costs a dense FFN)
     sidecar_dir: Path | None = None  # where the sidecar is (default: the checkpoint directory)
+    hugepages: bool = True  # copy CPU tiers and predictors into huge pages (engine.hugepages)
 
     def validate(self) -> None:
         validate_mode(self.mode, "--sparsity")
@@ -92,6 +93,7 @@ class SparseRuntime:
         self.crossover = crossover  # every layer's (see SparseFFN.crossover)
         default_mode = SparsityMode(config.mode)
         out_device = placement.dense_device if placement is not None else model.device
+        hp = config.hugepages
         for li, block in enumerate(model.layers):
             mlp = block.mlp
             w_in = mlp.gate_proj.weight.detach()  # (m, d)
@@ -101,17 +103,19 @@ class SparseRuntime:
                 # One tier on the model's device: the report's "hot" means served by the GPU, so a
                 # CPU-only model counts every neuron as cold.
                 on_gpu = model.device.type != "cpu"
-                tiers = [make_tier(w_in, w_up, w_out, torch.arange(m), model.device, hot=on_gpu)]
+                tiers = [make_tier(w_in, w_up, w_out, torch.arange(m), model.device, on_gpu, hp)]
             else:
                 hot = placement.hot[li]
                 cold = torch.ones(m, dtype=torch.bool)
                 cold[hot] = False
                 tiers = [
-                    make_tier(w_in, w_up, w_out, hot, placement.hot_device, hot=True),
-                    make_tier(w_in, w_up, w_out, cold.nonzero().flatten(), torch.device("cpu"), hot=False),
+                    make_tier(w_in, w_up, w_out, hot, placement.hot_device, True, hp),
+                    make_tier(w_in, w_up, w_out, cold.nonzero().flatten(), torch.device("cpu"), False, hp),
                 ]
-            tiered = TieredFFN(tiers, m, out_device, mlp.activation, model.config.activation_threshold)
-            predictor = predictors[li].to(out_device, model.dtype) if predictors is not None else None
+            # The tiers' dense GEMMs use the kernel the model's projections were given at load.
+            rows = mlp.gate_proj.rows
+            tiered = TieredFFN(tiers, m, out_device, mlp.activation, model.config.activation_threshold, rows)
+            predictor = predictors[li].to(out_device, model.dtype, hp) if predictors is not None else None
             eps = float(thresholds[li]) if thresholds is not None else None
             # The dense FFN's weights are dropped with it: the tiers hold the only copy.
             block.mlp = SparseFFN(li, tiered, eps, predictor, default_mode, crossover)

@@ -1,6 +1,6 @@
 """One request's generation state, and the events and results it produces.
 
-A ``Sequence`` is what the step-level core (``Generator.prefill`` / ``Generator.decode_step``) advances and
+A ``Sequence`` is what the step-level core (``Engine.prefill`` / ``Engine.decode_step``) advances and
 what a batcher holds on to: prompt ids, output ids, its sampler, its KV-cache slot, the streaming
 detokenizer, stop-string matching and timings. ``Sequence.append`` turns each new token into a
 ``GenerationEvent`` (text delta + token id, and on the last one the finish reason and stats).
@@ -153,7 +153,7 @@ class StopMatcher:
 
 
 class Sequence:
-    """Generation state of one request; advanced by ``Generator.prefill`` and ``Generator.decode_step``."""
+    """Generation state of one request; advanced by ``Engine.prefill`` and ``Engine.decode_step``."""
 
     def __init__(
         self,
@@ -165,7 +165,7 @@ class Sequence:
         sparsity: SparsityTally | None = None,
     ) -> None:
         self.request_id = request_id
-        # Per-request sparsity accounting, filled by the Generator at every step (the server reads .report()).
+        # Per-request sparsity accounting, filled by the Engine at every step (the server reads .report()).
         self.sparsity = sparsity if sparsity is not None else SparsityTally()
         self.prompt_ids = list(prompt_ids)
         self.params = params

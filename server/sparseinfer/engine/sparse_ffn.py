@@ -59,10 +59,13 @@ class LayerPredictor:
     def numel(self) -> int:
         return sum(t.numel() for t in (self.w1, self.b1, self.w2, self.b2))
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> LayerPredictor:
+    def to(self, device: torch.device, dtype: torch.dtype, hugepages: bool = True) -> LayerPredictor:
         """A copy on ``device`` in ``dtype`` (the model's: a bf16 model reads half the predictor bytes), in
-        huge pages on the CPU."""
-        w = (to_hugepages(t.to(device, dtype).contiguous()) for t in (self.w1, self.b1, self.w2, self.b2))
+        huge pages on the CPU unless ``hugepages`` is off."""
+        w = (
+            to_hugepages(t.to(device, dtype).contiguous(), hugepages)
+            for t in (self.w1, self.b1, self.w2, self.b2)
+        )
         return LayerPredictor(*w, self.score_threshold, self.hidden_activation)
 
 

@@ -1,17 +1,17 @@
 """The model's dense projections: torch's ``F.linear``, or our row kernels (``ops.linear``) where those win.
 
 torch's CPU matmul in bf16/fp16 is slow on a CPU without native bf16 matrix instructions (AVX-512 BF16,
-AMX): measured on the 2-core AVX2 development VM, torch 2.13, batch 16, bf16: a 192 -> 768 projection 394 us
-vs 154 us through ``ops.linear``, an 8192 x 192 lm_head 4.06 ms vs 1.05 ms; batch 1, LLaMA-7B's FFN 15.0 ms
-vs 9.4 ms. There the half-precision projections of inference (no autograd) run on the row kernels, each
-row's result independent of its batch mates. Elsewhere, in fp32, on other devices, or when autograd is
-recording, ``F.linear``. ``SPARSEINFER_DENSE_LINEAR=torch|rows`` overrides the choice (default ``auto``).
+AMX); there our row kernels are several times faster at decode batch sizes (figures:
+benchmarks/results/kernels.md). Which one a projection uses is decided once, when the model is loaded
+(``use_row_kernels``), and kept on the module (``Linear.rows``): nothing is looked up per call. The choice
+is ``"auto"`` (the rule of ``row_kernels_win``), ``"torch"`` or ``"rows"``; the CLI reads it from
+``$SPARSEINFER_DENSE_LINEAR``. The row kernels only ever run half-precision inference on the CPU: fp32,
+other devices and autograd stay on ``F.linear`` whatever the choice.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 from sparseinfer import ops
 
 _HALF = (torch.bfloat16, torch.float16)
+DENSE_LINEAR_CHOICES = ("auto", "torch", "rows")
 
 
 @functools.cache
@@ -32,23 +33,27 @@ def _cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def rows_preferred() -> bool:
-    """Whether half-precision CPU projections go through ``ops.linear`` (see the module docstring)."""
-    choice = os.environ.get("SPARSEINFER_DENSE_LINEAR", "auto").strip().lower()
-    if choice not in ("auto", "torch", "rows"):
-        raise ValueError(f"SPARSEINFER_DENSE_LINEAR must be auto, torch or rows, got {choice!r}")
+def row_kernels_win(choice: str) -> bool:
+    """Whether half-precision CPU projections should use ``ops.linear`` under ``choice``."""
+    if choice not in DENSE_LINEAR_CHOICES:
+        raise ValueError(
+            f"dense linear kernel must be one of {', '.join(DENSE_LINEAR_CHOICES)}, got {choice!r}"
+        )
     return choice == "rows" or (choice == "auto" and not _cpu_has_native_bf16())
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for x of shape (..., d_in) -> (..., d_out)."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: bool = False
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` for x of shape (..., d_in) -> (..., d_out); ``rows``: through ``ops.linear``
+    where it applies (half-precision CPU inference with a contiguous weight)."""
     if (
-        x.device.type == "cpu"
+        rows
+        and x.device.type == "cpu"
         and x.dtype in _HALF
         and weight.dtype == x.dtype
         and weight.is_contiguous()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and rows_preferred()
     ):
         y = ops.linear(x.reshape(-1, x.shape[-1]), weight, bias)  # (N, d_out)
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -58,5 +63,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) computed through ``linear``."""
 
+    rows = False  # through our row kernels (set at load by ``use_row_kernels``); torch's by default
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.rows)
+
+
+def use_row_kernels(model: nn.Module, choice: str) -> bool:
+    """Decide, once, which kernel every ``Linear`` of ``model`` uses (``choice``: see the module docstring);
+    returns whether it is the row kernels."""
+    rows = row_kernels_win(choice)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.rows = rows
+    return rows

@@ -29,6 +29,7 @@ from torch import nn
 
 from sparseinfer.model.config import ModelConfig
 from sparseinfer.model.errors import CheckpointError
+from sparseinfer.model.linear import use_row_kernels
 from sparseinfer.model.safetensors_io import CheckpointTensors
 from sparseinfer.model.transformer import Transformer
 
@@ -92,9 +93,13 @@ def _checkpoint_name(ours: str, config: ModelConfig, tensors: CheckpointTensors)
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    dense_linear: str = "auto",
 ) -> Transformer:
-    """Load a Llama-family checkpoint; ``dtype=None`` keeps the checkpoint's dtype (zero-copy on the CPU)."""
+    """Load a Llama-family checkpoint; ``dtype=None`` keeps the checkpoint's dtype (zero-copy on the CPU).
+    ``dense_linear`` decides the kernel of every dense projection (``linear.use_row_kernels``)."""
     path = Path(path)
     raw = read_config_json(path)
     tensors = CheckpointTensors(path)
@@ -139,4 +144,5 @@ def load_model(
         model.lm_head.weight = model.embed_tokens.weight
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     assert not meta, f"parameters left unloaded: {meta}"  # expected_tensors and Transformer disagree: a bug
+    use_row_kernels(model, dense_linear)
     return model.eval()

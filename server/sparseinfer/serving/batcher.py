@@ -8,7 +8,7 @@ which loops:
 2. drop requests that were cancelled or whose deadline passed, releasing their KV-cache slot at once, so a
    cancelled call frees its slot before the next step;
 3. prefill waiting requests (FIFO, as many as slots, the token budget and ``max_prefill_tokens`` allow) in
-   ONE batched forward, right-padded (``Generator.prefill_batch``): the running decodes wait for one
+   ONE batched forward, right-padded (``Engine.prefill_batch``): the running decodes wait for one
    prefill of bounded size between two steps, never for a queue of them one by one, and a burst of
    arrivals joins the batch at once instead of one request per step;
 4. run one batched decode step over every running sequence; requests join and leave between these steps.
@@ -64,7 +64,7 @@ from sparseinfer.serving.requests import (
 log = logging.getLogger("sparseinfer.serving.batcher")
 
 
-class Engine(Protocol):
+class StepEngine(Protocol):
     """The step API of ``sparseinfer.engine.generate.Generator`` that the batcher drives."""
 
     max_seq: int
@@ -160,7 +160,7 @@ class Batcher:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: StepEngine,
         limits: Limits,
         observer: Observer | None = None,
         thread: EngineThread | None = None,

@@ -106,6 +106,8 @@ def serve_config(args: argparse.Namespace, env: Any) -> ServeConfig:
             dtype=args.dtype,
             threads=args.threads,
             event_loop=args.event_loop,
+            dense_linear=env.dense_linear,
+            hugepages=env.hugepages,
         )
         config.validate()
     except ValueError as e:

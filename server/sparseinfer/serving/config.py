@@ -13,8 +13,12 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sparseinfer.model.step import MODES
+
+if TYPE_CHECKING:
+    from sparseinfer.engine.factory import EngineConfig
 
 MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024  # the ceiling; a model's own limit is usually far lower
 MAX_SEND_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -112,6 +116,26 @@ class ServeConfig:
     dtype: str | None = None  # compute dtype name (sparseinfer.model.config.DTYPES); None: the checkpoint's
     threads: int | None = None  # torch CPU threads; None: torch's default
     event_loop: str = DEFAULT_EVENT_LOOP  # one of EVENT_LOOPS
+    dense_linear: str = "auto"  # kernel of the dense projections (model.linear); $SPARSEINFER_DENSE_LINEAR
+    hugepages: bool = True  # CPU weights in huge pages (engine.hugepages); $SPARSEINFER_HUGEPAGES=0 turns off
+
+    def engine_config(self) -> EngineConfig:
+        """The engine this server runs: its KV cache holds ``max_batch_size`` slots of the longest prompt
+        plus the most new tokens (never more than the context), and requests may choose their mode."""
+        from sparseinfer.engine.factory import EngineConfig
+        from sparseinfer.engine.modes import SparsityConfig
+        from sparseinfer.model.config import DTYPES
+
+        lim = self.limits
+        return EngineConfig(
+            dtype=DTYPES[self.dtype] if self.dtype else None,
+            max_batch=lim.max_batch_size,
+            max_seq=lim.max_prompt_tokens + lim.max_new_tokens if lim.max_prompt_tokens else None,
+            sparsity=SparsityConfig(mode=self.sparsity, gpu_memory=self.gpu_memory, hugepages=self.hugepages),
+            per_request_modes=True,
+            dense_linear=self.dense_linear,
+            threads=self.threads,
+        )
 
     def validate(self) -> None:
         self.limits.validate()

@@ -1,9 +1,9 @@
-"""Load what a server serves: the checkpoint, its sparse runtime, the step-level ``Generator``, and the
+"""Load what a server serves: the checkpoint, its sparse runtime, the step-level ``Engine``, and the
 (static) ``ModelInfo`` answer.
 
-A sparse runtime is installed whenever the checkpoint has a sparsity sidecar (so that requests can choose
-oracle or predicted per request even when the default is dense), when the default mode is not dense, or
-when a GPU memory budget asks for hot/cold placement. Without one, every request runs dense.
+The engine is the one ``engine.factory.load_engine`` builds, with per-request modes on: a sparse runtime is
+installed whenever the checkpoint has a sparsity sidecar, so requests can choose oracle or predicted even
+when the default is dense.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 import sparseinfer
-from sparseinfer.engine.generate import Generator
+from sparseinfer.engine.generate import Engine
 from sparseinfer.engine.placement import neuron_bytes
 from sparseinfer.serving.config import ServeConfig
 from sparseinfer.serving.convert import MODE_TO_PB
@@ -26,7 +26,7 @@ from sparseinfer_client._proto import sparseinfer_pb2 as pb
 class Served:
     """A loaded model ready to serve."""
 
-    generator: Generator
+    engine: Engine
     model_dir: Path
     model_info: pb.ModelInfoResponse
 
@@ -44,41 +44,16 @@ def model_directory(config: ServeConfig) -> Path:
 
 
 def load_served(config: ServeConfig) -> Served:
-    """Load the checkpoint and build the generator sized by ``config.limits``."""
-    from sparseinfer.model import load_model, load_tokenizer
-    from sparseinfer.model.config import DTYPES
-    from sparseinfer.sparsity.sidecar import Sidecar
+    """Load the checkpoint and build the engine sized by ``config.limits`` (``engine.factory``)."""
+    from sparseinfer.engine.factory import load_engine
 
     config.validate()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
     directory = model_directory(config)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"--model {directory}: not a directory")
-    tokenizer = load_tokenizer(directory)
-    model = load_model(directory, dtype=DTYPES[config.dtype] if config.dtype else None)
-    limits = config.limits
-    context = int(model.config.max_position_embeddings)
-    # A KV-cache slot holds the longest prompt plus the most new tokens, never more than the context.
-    max_seq = min(context, limits.prompt_tokens(context) + limits.max_new_tokens)
-    runtime = None
-    sidecar = Sidecar.exists(directory)
-    if (sidecar or config.sparsity != "dense" or config.gpu_memory is not None) and not model.config.mlp_bias:
-        from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
-
-        sparsity = SparsityConfig(mode=config.sparsity, gpu_memory=config.gpu_memory)
-        runtime = SparseRuntime.from_checkpoint(
-            model, directory, sparsity, max_batch=limits.max_batch_size, max_seq=max_seq
-        )
-    elif config.sparsity != "dense":
-        raise ValueError(f"--sparsity {config.sparsity}: this model has FFN biases and can only run dense")
-    generator = Generator(
-        model, tokenizer, max_batch=limits.max_batch_size, max_seq=max_seq, sparsity=runtime
-    )
-    return Served(generator, directory, model_info(config, generator, directory))
+    engine = load_engine(directory, config.engine_config())
+    return Served(engine, directory, model_info(config, engine, directory))
 
 
-def model_info(config: ServeConfig, generator: Generator, directory: Path) -> pb.ModelInfoResponse:
+def model_info(config: ServeConfig, generator: Engine, directory: Path) -> pb.ModelInfoResponse:
     model = generator.model
     c = model.config
     runtime = generator.sparsity

@@ -76,7 +76,7 @@ class AsyncServer:
             self.engine_thread.stop()
             raise
         self.metrics = ServerMetrics()
-        self.batcher = Batcher(self.served.generator, config.limits, self.metrics, self.engine_thread)
+        self.batcher = Batcher(self.served.engine, config.limits, self.metrics, self.engine_thread)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
@@ -89,7 +89,7 @@ class AsyncServer:
         interceptors = [BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
         receive = ("grpc.max_receive_message_length", self.batcher.max_request_bytes)
         server = grpc.aio.server(interceptors=interceptors, options=[*SERVER_OPTIONS, receive])
-        tokenizer = self.served.generator.tokenizer
+        tokenizer = self.served.engine.tokenizer
         servicer = SparseInferServicer(
             self.batcher,
             self.metrics,

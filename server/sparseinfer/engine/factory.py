@@ -1,0 +1,76 @@
+"""The one way an ``Engine`` is built from a checkpoint directory and a frozen ``EngineConfig``.
+
+The CLI (``generate``), the server (``serving.model_setup``) and the benchmarks all call ``load_engine``, so
+a benchmark's baseline is the server's engine by construction. Everything that decides how the checkpoint is
+loaded and run is in the config, read once (flags and ``cli.read_environment``) and passed down; nothing
+below reads the environment.
+
+A sparse runtime is installed when the default mode needs one, when a GPU memory budget asks for hot/cold
+placement, or (``per_request_modes``) whenever the checkpoint has a sparsity sidecar, so that requests may
+choose oracle or predicted even when the default is dense. Without one, every request runs dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sparseinfer.engine.generate import Engine
+from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
+from sparseinfer.model.linear import row_kernels_win
+from sparseinfer.model.step import SparsityMode
+from sparseinfer.model.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    dtype: torch.dtype | None = None  # compute dtype; None: the checkpoint's
+    max_batch: int = 1  # KV-cache slots (sequences decoded together)
+    max_seq: int | None = None  # positions per slot; None: the model's context length
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    per_request_modes: bool = False  # install the sparse runtime whenever the sidecar allows (servers)
+    dense_linear: str = "auto"  # kernel of the dense projections: auto | torch | rows (model.linear)
+    threads: int | None = None  # torch CPU threads; None: torch's default
+
+    def validate(self) -> None:
+        self.sparsity.validate()
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be ≥ 1, got {self.max_batch}")
+        if self.max_seq is not None and self.max_seq < 1:
+            raise ValueError(f"max_seq must be ≥ 1, got {self.max_seq}")
+        row_kernels_win(self.dense_linear)  # raises for an unknown choice
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be ≥ 1, got {self.threads}")
+
+
+def load_engine(model_dir: str | Path, config: EngineConfig, tokenizer: Tokenizer | None = None) -> Engine:
+    """Load the checkpoint at ``model_dir`` and build its engine under ``config`` (``tokenizer``: one the
+    caller already loaded from the same directory)."""
+    from sparseinfer.model import load_model, load_tokenizer
+    from sparseinfer.sparsity.sidecar import Sidecar
+
+    config.validate()
+    directory = Path(model_dir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"--model {directory}: not a directory")
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(directory)
+    model = load_model(directory, dtype=config.dtype, dense_linear=config.dense_linear)
+    context = int(model.config.max_position_embeddings)
+    max_seq = min(config.max_seq, context) if config.max_seq is not None else context
+    sparse = config.sparsity
+    sidecar_dir = sparse.sidecar_dir if sparse.sidecar_dir is not None else directory
+    wants_runtime = (
+        sparse.mode != SparsityMode.DENSE
+        or sparse.gpu_memory is not None
+        or (config.per_request_modes and Sidecar.exists(sidecar_dir))
+    )
+    runtime = None
+    if wants_runtime and not model.config.mlp_bias:
+        runtime = SparseRuntime.from_checkpoint(model, directory, sparse, config.max_batch, max_seq)
+    elif sparse.mode != SparsityMode.DENSE:
+        raise ValueError(f"--sparsity {sparse.mode}: this model has FFN biases and can only run dense")
+    return Engine(model, tokenizer, max_batch=config.max_batch, max_seq=max_seq, sparsity=runtime)
