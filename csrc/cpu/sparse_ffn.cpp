@@ -29,23 +29,11 @@
 #include <string_view>
 #include <vector>
 
+#include "../activation.h"
 #include "row_kernels.h"
 
 namespace sparseinfer {
 namespace {
-
-enum class Activation { kRelu, kRelu2, kSilu, kFatRelu, kDRelu };
-
-Activation parse_activation(std::string_view name) {
-  if (name == "relu") return Activation::kRelu;
-  if (name == "relu2") return Activation::kRelu2;
-  if (name == "silu") return Activation::kSilu;
-  if (name == "fatrelu") return Activation::kFatRelu;
-  if (name == "drelu") return Activation::kDRelu;
-  TORCH_CHECK(false,
-              "sparse_ffn: activation must be one of relu, relu2, silu, fatrelu, drelu; got '",
-              std::string(name), "'");
-}
 
 // σ applied to the gate (or, non-gated, the whole) projection.
 inline float activate(Activation act, float z, float threshold) {

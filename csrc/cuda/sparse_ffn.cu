@@ -22,6 +22,8 @@
 #include <string>
 #include <string_view>
 
+#include "../activation.h"
+
 namespace sparseinfer {
 namespace {
 
@@ -31,18 +33,11 @@ constexpr int kGemvTile = 4;   // batch rows per pass over a W_in / W_up row
 constexpr int kAxpyTile = 8;   // batch rows per pass over a W_outᵀ column
 constexpr int kMinChunk = 32;  // fewest neurons a split-K chunk gets
 
-enum Activation : int { kRelu, kRelu2, kSilu, kFatRelu, kDRelu };
-
-int parse_activation(std::string_view name) {
-  if (name == "relu") return kRelu;
-  if (name == "relu2") return kRelu2;
-  if (name == "silu") return kSilu;
-  if (name == "fatrelu") return kFatRelu;
-  if (name == "drelu") return kDRelu;
-  TORCH_CHECK(false,
-              "sparse_ffn: activation must be one of relu, relu2, silu, fatrelu, drelu; got '",
-              std::string(name), "'");
-}
+// Kernels take the activation as a plain int (Activation's underlying value).
+constexpr int kRelu = static_cast<int>(Activation::kRelu);
+constexpr int kRelu2 = static_cast<int>(Activation::kRelu2);
+constexpr int kSilu = static_cast<int>(Activation::kSilu);
+constexpr int kDRelu = static_cast<int>(Activation::kDRelu);
 
 __device__ __forceinline__ float activate(int act, float z, float threshold) {
   switch (act) {
@@ -199,7 +194,8 @@ void sparse_ffn_out_cuda(const at::Tensor& x, const at::Tensor& w_in,
                   out.is_contiguous(),
               "sparse_ffn_out: out must be a contiguous tensor on x's device matching x in shape "
               "and dtype");
-  const int act = parse_activation(std::string_view(activation.data(), activation.size()));
+  const int act =
+      static_cast<int>(parse_activation(std::string_view(activation.data(), activation.size())));
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), d = x.size(1), n = active.numel();
   if (B == 0 || d == 0) return;

@@ -6,6 +6,8 @@ model's own activation functions, independent of the executor's tier/index bookk
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,13 +164,18 @@ def test_mixed_modes_each_row_gets_its_own_set_and_counts_match_brute_force():
     assert counts[0, 3] == truth[0:2].sum() and counts[0, 4] == truth[0:2].sum()
 
 
-def test_predictor_threshold_moves_to_the_logit_scale():
-    p = LayerPredictor(torch.zeros(1, D), torch.zeros(1), torch.zeros(M, 1), torch.zeros(M), 0.5, None)
-    assert p.threshold == 0.0
+@pytest.mark.parametrize("t", [0.5, 0.9, 0.3, 1e-6, 0.999999, 1.0])
+def test_predictor_threshold_moves_to_the_logit_scale(t):
+    """The runtime rule logit > θ is the trained rule sigmoid(logit) ≥ t exactly, ties included: checked on
+    the float32 logits next to θ and on a wide random spread."""
+    p = LayerPredictor(torch.zeros(1, D), torch.zeros(1), torch.zeros(M, 1), torch.zeros(M), t, None)
+    up, down = [torch.tensor(p.threshold)], [torch.tensor(p.threshold)]
+    for _ in range(64):
+        up.append(torch.nextafter(up[-1], torch.tensor(math.inf)))
+        down.append(torch.nextafter(down[-1], torch.tensor(-math.inf)))
+    spread = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 20
+    logits = torch.cat([torch.stack(up + down), spread, torch.tensor([-math.inf, math.inf])])
+    assert torch.equal(logits > p.threshold, torch.sigmoid(logits) >= t)
+    if 0.01 <= t <= 0.99:  # where float32's sigmoid is fine-grained, within rounding of the exact logit
+        assert abs(p.threshold - math.log(t / (1 - t))) < 1e-6 * max(1.0, abs(math.log(t / (1 - t))))
     assert LayerPredictor(*[torch.zeros(1)] * 4, 0.0, None).threshold == float("-inf")
-    assert (
-        abs(
-            LayerPredictor(*[torch.zeros(1)] * 4, 0.9, None).threshold - torch.logit(torch.tensor(0.9)).item()
-        )
-        < 1e-6
-    )

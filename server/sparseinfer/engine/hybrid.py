@@ -17,12 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from sparseinfer import ops
 from sparseinfer.engine.hugepages import to_hugepages
-from sparseinfer.model.ffn import activation_fn
+from sparseinfer.model.ffn import activation_fn, hidden
 from sparseinfer.model.linear import linear
+from sparseinfer.sparsity.neurons import active_mask
 
 # Union density above which a layer runs the dense GEMMs instead of the sparse kernels, per weight dtype
 # (``SparsityConfig.crossover`` overrides it; set what the deployment's own machine measures). Measured on the
@@ -146,21 +146,18 @@ class TieredFFN:
 
     def activations(self, x: torch.Tensor, tier: Tier) -> torch.Tensor:
         """Dense h of one tier's neurons: x (N, d) on the tier's device -> (N, m_t), in x's dtype."""
-        h = self.act(linear(x, tier.w_in, rows=self.rows))  # (N, m_t)
-        if tier.w_up is not None:
-            up = linear(x, tier.w_up, rows=self.rows)  # (N, m_t)
-            h = h * (F.relu(up) if self.activation == "drelu" else up)
-        return h
+        up = linear(x, tier.w_up, rows=self.rows) if tier.w_up is not None else None  # (N, m_t)
+        return hidden(self.act, self.activation, linear(x, tier.w_in, rows=self.rows), up)  # (N, m_t)
 
     def true_mask(self, x: torch.Tensor, eps: float) -> torch.Tensor:
         """(N, m) bool on the output device: the truly active neurons (|h_i|·‖W_out[:, i]‖ ≥ ε)."""
         if self._identity:
             t = self.tiers[0]
-            return self.activations(x, t).float().abs() * t.norms >= eps
+            return active_mask(self.activations(x, t), t.norms, eps)
         mask = torch.empty(x.shape[0], self.m, dtype=torch.bool, device=self.out_device)
         for t, ids in zip(self.tiers, self._ids_dev, strict=True):
             h = self.activations(x.to(t.device), t)  # (N, m_t)
-            mask[:, ids] = (h.float().abs() * t.norms >= eps).to(self.out_device)
+            mask[:, ids] = active_mask(h, t.norms, eps).to(self.out_device)
         return mask
 
     def dense(self, x: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:

@@ -205,16 +205,7 @@ def _predictors(sidecar: Sidecar) -> list[LayerPredictor]:
     from sparseinfer.sparsity.predictor import PredictorSet
 
     ps = PredictorSet.from_state(sidecar.section_tensors("predictor"), sidecar.require("predictor"))
-    out = []
-    for li, p in enumerate(ps.predictors):
-        out.append(
-            LayerPredictor(
-                p.w1.weight.detach(),
-                p.w1.bias.detach(),
-                p.w2.weight.detach(),
-                p.w2.bias.detach(),
-                float(ps.score_thresholds[li]),
-                p.hidden_activation,
-            )
-        )
-    return out
+    return [
+        LayerPredictor.from_trained(p, float(t))
+        for p, t in zip(ps.predictors, ps.score_thresholds, strict=True)
+    ]

@@ -16,8 +16,6 @@ neurons), so a row's output never depends on its batch-mates (up to fp32 summati
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,12 +24,13 @@ from sparseinfer import ops
 from sparseinfer.engine.hugepages import to_hugepages
 from sparseinfer.engine.hybrid import DEFAULT_CROSSOVER, TieredFFN
 from sparseinfer.model.step import ForwardStep, SparsityMode
+from sparseinfer.sparsity.predictor import LowRankPredictor, strict_logit_threshold
 
 
 class LayerPredictor:
     """A layer's low-rank predictor in the model dtype: logits = W2 φ(W1 x + b1) + b2, active iff logit >
-    ``threshold`` (the calibrated score threshold t moved to the logit scale, log(t / (1 - t)); the
-    training code's rule is score ≥ t, which differs only on exact ties)."""
+    ``threshold``, the trained rule score ≥ t moved to the logit scale exactly (``strict_logit_threshold``).
+    Built from the trained predictor by ``from_trained``."""
 
     def __init__(
         self,
@@ -44,8 +43,15 @@ class LayerPredictor:
     ) -> None:
         self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2  # (r, d), (r,), (m, r), (m,)
         self.hidden_activation = hidden_activation
-        self.score_threshold = t = float(score_threshold)
-        self.threshold = -math.inf if t <= 0.0 else math.inf if t >= 1.0 else math.log(t / (1.0 - t))
+        self.score_threshold = float(score_threshold)
+        self.threshold = strict_logit_threshold(self.score_threshold)
+
+    @classmethod
+    def from_trained(cls, predictor: LowRankPredictor, score_threshold: float) -> LayerPredictor:
+        """The runtime form of a trained ``sparsity.predictor.LowRankPredictor`` and its score threshold."""
+        p = predictor
+        weights = (p.w1.weight, p.w1.bias, p.w2.weight, p.w2.bias)
+        return cls(*(w.detach() for w in weights), score_threshold, p.hidden_activation)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """(N, d) -> (N, m) logits in the weights' dtype. Through ``ops.linear``, the projection the kernel

@@ -39,6 +39,17 @@ def activation_fn(name: str, threshold: float = 0.0) -> Callable[[torch.Tensor],
     raise ValueError(f"unknown activation {name!r}")
 
 
+def hidden(
+    act: Callable[[torch.Tensor], torch.Tensor], activation: str, gate: torch.Tensor, up: torch.Tensor | None
+) -> torch.Tensor:
+    """The neuron activations h from the projections: σ(gate), times ``up`` when gated (ReLU'd first for
+    dReLU). The one definition the dense FFN and the engine's tiers share."""
+    h = act(gate)
+    if up is not None:
+        h = h * (F.relu(up) if activation == "drelu" else up)
+    return h
+
+
 class FFN(nn.Module):
     """The dense FFN of decoder layer ``layer``; ``forward(x, step)`` counts every neuron into ``step``."""
 
@@ -55,13 +66,8 @@ class FFN(nn.Module):
 
     def neuron_activations(self, x: torch.Tensor) -> torch.Tensor:
         """h for every neuron: (..., d) -> (..., m)."""
-        h = self.act(self.gate_proj(x))  # (..., m)
-        if self.up_proj is not None:
-            up = self.up_proj(x)  # (..., m)
-            if self.activation == "drelu":
-                up = F.relu(up)
-            h = h * up
-        return h
+        up = self.up_proj(x) if self.up_proj is not None else None  # (..., m)
+        return hidden(self.act, self.activation, self.gate_proj(x), up)  # (..., m)
 
     def forward(self, x: torch.Tensor, step: ForwardStep | None = None) -> torch.Tensor:
         if step is not None:  # every neuron of every real token; served by the GPU when the model is there

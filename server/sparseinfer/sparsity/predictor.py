@@ -9,7 +9,8 @@ PowerInfer puts a ReLU there, so ``hidden_activation="relu"`` is offered as an o
 Vocabulary used throughout:
 - ``logits(x)``: W2 (W1 x + b1) + b2, before the sigmoid;
 - ``probabilities(x)``: ŷ, the **score** in [0, 1]; every score threshold in this package (``predict``, the
-  sidecar's ``predictor.score_threshold``) is on this scale, and a neuron is predicted active iff score ≥ t;
+  sidecar's ``predictor.score_threshold``) is on this scale, and a neuron is predicted active iff score ≥ t
+  (the engine applies the same rule on the logit scale: ``strict_logit_threshold``);
 - size: predictor parameters (weights and biases) as a percentage of the FFN's parameters (every weight and
   bias of gate/up/down projections), so a gated FFN (3·d·m) gets a larger default rank than a non-gated one.
 
@@ -64,6 +65,35 @@ def validate_recall_target(recall_target: float) -> None:
         raise ValueError(f"recall target must be in (0, 1], got {recall_target}")
 
 
+def strict_logit_threshold(score_threshold: float) -> float:
+    """The float32 logit θ with ``logit > θ`` ⟺ ``torch.sigmoid(logit) >= score_threshold`` for every float32
+    logit: the trained rule (score ≥ t, ``LowRankPredictor.predict``) in the form the sparse kernels apply
+    (``ops.select_active`` keeps score > threshold), exact at ties. -inf when every neuron passes, +inf when
+    none can."""
+    t = float(score_threshold)
+    if t <= 0.0:
+        return -math.inf
+    passes = lambda i: bool(torch.sigmoid(_float_of(i)) >= t)  # noqa: E731  (i: an ordered float32 index)
+    lo, hi = _ordered(-math.inf), _ordered(math.inf)  # passes(hi) holds unless t > 1
+    if not passes(hi):
+        return math.inf
+    while hi - lo > 1:  # the smallest index that passes: ≤ 32 halvings of the float32 line
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if passes(mid) else (mid, hi)
+    return float(_float_of(hi - 1))  # the float32 just below the smallest passing logit
+
+
+def _ordered(value: float) -> int:
+    """float32 ``value`` as an integer that orders like the floats (-0.0 and 0.0 collapse)."""
+    bits = int(torch.tensor(value, dtype=torch.float32).view(torch.int32))
+    return bits if bits >= 0 else -(bits & 0x7FFFFFFF)
+
+
+def _float_of(index: int) -> torch.Tensor:
+    bits = index if index >= 0 else (-index) | -0x80000000
+    return torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+
+
 class LowRankPredictor(nn.Module):
     """ŷ = sigmoid(W2 φ(W1 x + b1) + b2), φ = identity (the paper) or ReLU (PowerInfer)."""
 
@@ -113,10 +143,6 @@ class LowRankPredictor(nn.Module):
         if not 0 < k <= self.m:
             raise ValueError(f"k must be in [1, {self.m}], got {k}")
         return self.logits(x).topk(k, dim=-1).indices
-
-    @property
-    def num_parameters(self) -> int:
-        return predictor_parameter_count(self.d, self.m, self.rank)
 
 
 @dataclass
