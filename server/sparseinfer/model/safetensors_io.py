@@ -185,6 +185,3 @@ class CheckpointTensors:
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._where[name].tensor(name)
-
-    def file_of(self, name: str) -> SafetensorsFile:
-        return self._where[name]

@@ -112,18 +112,6 @@ class Calibration:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"thresholds": self.thresholds.float().contiguous()}
 
-    @classmethod
-    def from_sidecar(cls, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Calibration:
-        layers = manifest.get("layers", [])
-        return cls(
-            thresholds=tensors["thresholds"].float(),
-            sparsity_per_layer=[float(r["sparsity"]) for r in layers],
-            cett_per_layer=[float(r["cett"]) for r in layers],
-            cett_target=float(manifest["cett_target"]),
-            num_tokens=int(manifest["num_tokens"]),
-            num_candidates=int(manifest.get("num_candidates", DEFAULT_CANDIDATES)),
-        )
-
 
 # ---- the per-token quantities, on tensors ----
 
