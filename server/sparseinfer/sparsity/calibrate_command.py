@@ -1,7 +1,8 @@
-"""``sparseinfer calibrate MODEL --cett 0.2 --text FILE`` and ``sparseinfer profile MODEL --text FILE``.
+"""``sparseinfer calibrate MODEL --cett 0.2 --text FILE``, and what it shares with ``profile``
+(``profile_command``): the flags, the frozen ``ToolConfig`` and the loading of model and text.
 
-Thin layers: flags -> a frozen config -> ``calibrate.calibrate`` / ``profile.profile`` -> the sidecar, then a
-per-layer table on stdout (progress bars go to stderr).
+A thin layer: flags -> a frozen config -> ``calibrate.calibrate`` -> the sidecar, then a per-layer table on
+stdout (progress bars go to stderr).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any, TextIO
 from sparseinfer.model.config import DTYPES
 from sparseinfer.sparsity.calibrate import DEFAULT_CANDIDATES, DEFAULT_CETT, Calibration, validate_cett_target
 from sparseinfer.sparsity.data import DEFAULT_SEQ_LEN, MIN_CALIBRATION_TOKENS
-from sparseinfer.sparsity.profile import Profile
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ class ToolConfig:
             raise ValueError(f"MODEL {self.model}: not a directory")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    """The flags ``calibrate`` and ``profile`` share."""
     p.add_argument("model", type=Path, metavar="MODEL", help="checkpoint directory")
     p.add_argument("--text", type=Path, required=True, metavar="FILE", help="calibration text (UTF-8)")
     p.add_argument("--tokens", type=int, default=None, metavar="N", help="use at most N tokens of the text")
@@ -59,15 +60,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     cal = sub.add_parser("calibrate", help="per-layer CETT thresholds ε_l, written to the sparsity sidecar")
-    _common(cal)
+    add_common_flags(cal)
     cal.add_argument("--cett", type=float, default=DEFAULT_CETT, help="CETT target in (0, 1) (default 0.2)")
     cal.add_argument(
         "--candidates", type=int, default=DEFAULT_CANDIDATES, help="quantile candidates per layer"
     )
     cal.set_defaults(run=_run)
-    prof = sub.add_parser("profile", help="per-neuron activation frequencies (run `calibrate` first)")
-    _common(prof)
-    prof.set_defaults(run=_run)
 
 
 def config_from_args(args: argparse.Namespace) -> ToolConfig:
@@ -87,8 +85,8 @@ def config_from_args(args: argparse.Namespace) -> ToolConfig:
     return config
 
 
-def _load(config: ToolConfig) -> tuple[Any, Any]:
-
+def load_for_tool(config: ToolConfig) -> tuple[Any, Any]:
+    """The model (eval mode, in the config's dtype) and the calibration sequences of the config's text."""
     from sparseinfer.model import load_model, load_tokenizer
     from sparseinfer.sparsity.data import load_text_tokens
 
@@ -103,7 +101,7 @@ def run_calibrate(config: ToolConfig, out: TextIO) -> Calibration:
     from sparseinfer.sparsity.sidecar import Sidecar
 
     sidecar = Sidecar.open(config.model, config.sidecar)  # fingerprint check before the expensive part
-    model, sequences = _load(config)
+    model, sequences = load_for_tool(config)
     result = calibrate(model, sequences, config.cett, num_candidates=config.candidates, chunk=config.chunk)
     manifest = result.manifest(text_sha256=text_sha256(config.text), seq_len=sequences.shape[1])
     sidecar.set_section("calibration", result.tensors(), manifest)  # drops profile and predictor
@@ -122,42 +120,5 @@ def run_calibrate(config: ToolConfig, out: TextIO) -> Calibration:
     return result
 
 
-def run_profile(config: ToolConfig, out: TextIO) -> Profile:
-    from sparseinfer.sparsity.data import text_sha256
-    from sparseinfer.sparsity.profile import profile
-    from sparseinfer.sparsity.sidecar import Sidecar
-
-    sidecar = Sidecar.load(config.model, sidecar_dir=config.sidecar)
-    sidecar.require("calibration")
-    thresholds = sidecar.thresholds.float()
-    model, sequences = _load(config)
-    if thresholds.numel() != len(model.layers):
-        raise ValueError(f"sidecar thresholds has {thresholds.numel()} layers, the model {len(model.layers)}")
-    result = profile(model, sequences, thresholds, chunk=config.chunk)
-    sidecar.set_section("profile", result.tensors(), result.manifest(text_sha256=text_sha256(config.text)))
-    sidecar.save()
-
-    def pct(v: float) -> str:
-        return "n/a" if v != v else f"{100 * v:.1f}%"
-
-    out.write(
-        f"profiled {len(model.layers)} layers on {result.num_tokens} tokens: share of activations "
-        "covered by the most frequent neurons\n"
-    )
-    out.write("| layer | top 10% | top 20% | top 50% | never active |\n|---:|---:|---:|---:|---:|\n")
-    rows = [*enumerate(result.skew()), ("mean", result.model_skew())]
-    for name, r in rows:
-        out.write(
-            f"| {name} | {pct(r['top10'])} | {pct(r['top20'])} | {pct(r['top50'])} | "
-            f"{pct(r['never_active'])} |\n"
-        )
-    out.write(f"sidecar: {sidecar.directory}\n")
-    return result
-
-
 def _run(args: argparse.Namespace, env: object) -> None:
-    config = config_from_args(args)
-    if config.command == "calibrate":
-        run_calibrate(config, sys.stdout)
-    else:
-        run_profile(config, sys.stdout)
+    run_calibrate(config_from_args(args), sys.stdout)

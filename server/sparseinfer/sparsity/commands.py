@@ -11,6 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     from sparseinfer.sparsity import calibrate_command
 
     calibrate_command.register(sub)
+    from sparseinfer.sparsity import profile_command
+
+    profile_command.register(sub)
     from sparseinfer.sparsity import predictor_command
 
     predictor_command.register(sub)

@@ -55,9 +55,10 @@ def build_sidecar(
 ) -> None:
     """calibrate (CETT target) -> profile -> train-predictor, each writing its section of ``model``'s sidecar;
     ``tokens`` caps the text used, ``epochs`` the predictor training (None: the tools' defaults)."""
-    from sparseinfer.sparsity.calibrate_command import ToolConfig, run_calibrate, run_profile
+    from sparseinfer.sparsity.calibrate_command import ToolConfig, run_calibrate
     from sparseinfer.sparsity.predictor_command import TrainPredictorConfig, run_train_predictor
     from sparseinfer.sparsity.predictor_train import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR
+    from sparseinfer.sparsity.profile_command import run_profile
 
     common = {"model": model, "text": text, "tokens": tokens, "seq_len": seq_len, "sidecar": None}
     calibrate = ToolConfig(command="calibrate", cett=cett, **common)
