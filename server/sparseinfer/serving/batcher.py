@@ -7,16 +7,14 @@ which loops:
 1. take new requests from a thread-safe inbox (blocking only when there is nothing to do);
 2. drop requests that were cancelled or whose deadline passed, releasing their KV-cache slot at once, so a
    cancelled call frees its slot before the next step;
-3. prefill waiting requests (FIFO, as many as slots, the token budget and ``max_prefill_tokens`` allow) in
-   ONE batched forward, right-padded (``Engine.prefill_batch``): the running decodes wait for one
-   prefill of bounded size between two steps, never for a queue of them one by one, and a burst of
-   arrivals joins the batch at once instead of one request per step;
+3. prefill the waiting requests ``admission.admissible`` lets in (FIFO, within slots, the token budget
+   and ``max_prefill_tokens``) in ONE batched forward, right-padded (``Engine.prefill_batch``): the
+   running decodes wait for one prefill of bounded size between two steps, never for a queue of them
+   one by one, and a burst of arrivals joins the batch at once instead of one request per step;
 4. run one batched decode step over every running sequence; requests join and leave between these steps.
 
-Results go back through ``loop.call_soon_threadsafe``, one call per step for all requests of that step
-that have something to send: a streaming request gets its first token at once and then every
-``BatchRequest.stream_interval`` tokens merged into one chunk, a unary one (``BatchRequest.stream`` False)
-only its completion, with every token merged into it.
+Results go back to the event loop through ``delivery`` (one call per loop pass; held tokens, stream
+intervals and completions are its business).
 
 Batch independence: each row of a step computes only its own tokens with its own sampler and RNG (engine
 guarantees, see ``engine.sampling`` and ``engine.sparse_ffn``), so the batcher never reorders work in a way
@@ -48,18 +46,11 @@ from sparseinfer.engine.errors import InvalidRequest, RequestFailed, StepFailed
 from sparseinfer.engine.sampling import SamplingParams
 from sparseinfer.engine.sequence import GenerationEvent, StepOutcome
 from sparseinfer.engine.sequence import Sequence as EngineSequence
+from sparseinfer.serving.admission import Candidate, admissible
 from sparseinfer.serving.config import Limits
+from sparseinfer.serving.delivery import Entry, Outbox, Ticket
 from sparseinfer.serving.engine_thread import EngineThread
-from sparseinfer.serving.requests import (
-    BatchRequest,
-    Completion,
-    ErrorKind,
-    ServingError,
-    StreamItem,
-    Timings,
-    TokenChunk,
-    merge_chunks,
-)
+from sparseinfer.serving.requests import BatchRequest, Completion, ErrorKind, ServingError
 
 log = logging.getLogger("sparseinfer.serving.batcher")
 
@@ -95,55 +86,6 @@ class Observer:
     def first_token(self, seconds: float) -> None: ...
     def inter_token(self, seconds: float) -> None: ...
     def completed(self, completion: Completion) -> None: ...
-
-
-class Ticket:
-    """The asyncio side of one request: iterate it for ``TokenChunk``s then one ``Completion``; a failure
-    raises ``ServingError``. ``cancel()`` (idempotent) makes the engine drop the request before its next
-    step."""
-
-    def __init__(self, batcher: Batcher, request: BatchRequest, seq: EngineSequence) -> None:
-        self._batcher = batcher
-        self.request = request
-        self.seq = seq
-        self.prompt_tokens = len(seq.prompt_ids)
-        self.loop = asyncio.get_running_loop()
-        self._items: asyncio.Queue[StreamItem] = asyncio.Queue()
-        self.cancelled = False  # set on the loop thread, read by the engine thread (a bool store is atomic)
-        self.done = False
-
-    def cancel(self) -> None:
-        if not self.done and not self.cancelled:
-            self.cancelled = True
-            self._batcher._wake()
-
-    def __aiter__(self) -> Ticket:
-        return self
-
-    async def __anext__(self) -> TokenChunk | Completion:
-        if self.done:
-            raise StopAsyncIteration
-        item = await self._items.get()
-        if isinstance(item, ServingError):
-            self.done = True
-            raise item
-        if isinstance(item, Completion):
-            self.done = True
-        return item
-
-
-class _Entry:
-    """Engine-thread bookkeeping of one request."""
-
-    def __init__(self, ticket: Ticket) -> None:
-        self.ticket = ticket
-        self.seq = ticket.seq
-        self.request = ticket.request
-        self.reserved = len(ticket.seq.prompt_ids) + ticket.request.params.max_new_tokens
-        self.t_accept = time.perf_counter()
-        self.t_admit = self.t_prefilled = self.t_first = self.t_last = 0.0
-        # Tokens not sent yet: a unary request's until its completion, a streaming one's until its interval.
-        self.held: list[TokenChunk] = []
 
 
 def _log_crash(done: Future[None]) -> None:
@@ -185,10 +127,10 @@ class Batcher:
         # Tokenizing (and the prompt's detokenizer context) is request-sized CPU work: never on the loop.
         self._prepare = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sparseinfer-prepare")
         # Engine-thread state.
-        self._waiting: deque[_Entry] = deque()
-        self._running: list[_Entry] = []
+        self._waiting: deque[Entry] = deque()
+        self._running: list[Entry] = []
         self._reserved = 0  # Σ reserved tokens of running requests
-        self._outbox: list[tuple[Ticket, StreamItem]] = []
+        self._outbox = Outbox()
 
     # ---- asyncio side --------------------------------------------------------------------------------
 
@@ -231,8 +173,8 @@ class Batcher:
         except BaseException:
             self._dequeue()
             raise
-        ticket = Ticket(self, request, seq)
-        self._inbox.put(_Entry(ticket))
+        ticket = Ticket(request, seq, self._wake)
+        self._inbox.put(Entry(ticket))
         return ticket
 
     def _claim_queue_place(self) -> None:
@@ -312,18 +254,18 @@ class Batcher:
             self._admit()
             if self._running:
                 self._decode()
-            self._flush()
+            self._outbox.flush()
             self._report_gauges()  # after the step, so that an idle server reads 0, not its last batch
         # Past the grace period: running requests end with what they have (finish reason "cancelled");
         # requests that never started fail UNAVAILABLE so that clients retry elsewhere.
         for entry in self._running:
             self.engine.release(entry.seq)
-            self._emit(entry, self._completion(entry, "cancelled"))
+            self._outbox.put(entry, entry.completion("cancelled"))
         for entry in self._waiting:
-            self._fail(entry, ServingError(ErrorKind.UNAVAILABLE, "the server shut down first"))
+            self._outbox.fail(entry, ServingError(ErrorKind.UNAVAILABLE, "the server shut down first"))
         self._waiting.clear()
         self._running.clear()
-        self._flush()
+        self._outbox.flush()
         self._report_gauges()
 
     def _report_gauges(self) -> None:
@@ -337,7 +279,7 @@ class Batcher:
             except queue.Empty:
                 return
             block = False
-            if isinstance(item, _Entry):
+            if isinstance(item, Entry):
                 self._waiting.append(item)
             elif isinstance(item, tuple) and item[0] is _STOP:  # the earliest stop asked for wins
                 at = time.monotonic() + float(item[1])
@@ -346,7 +288,7 @@ class Batcher:
     def _reap(self, now: float) -> None:
         """Drop cancelled and expired requests (waiting or running) and free their slots."""
         for entries, waiting in ((self._waiting, True), (self._running, False)):
-            dead = [e for e in entries if e.ticket.cancelled or _expired(e, now)]
+            dead = [e for e in entries if e.ticket.cancelled or e.expired(now)]
             for entry in dead:
                 entries.remove(entry)
                 if waiting:
@@ -358,7 +300,7 @@ class Batcher:
                     err = ServingError(ErrorKind.CANCELLED, "the request was cancelled")
                 else:
                     err = ServingError(ErrorKind.DEADLINE, "the deadline passed; generation stopped")
-                self._fail(entry, err)
+                self._outbox.fail(entry, err)
 
     def _dequeue(self) -> None:
         with self._lock:
@@ -385,27 +327,13 @@ class Batcher:
                 self._reserved += entry.reserved
             self._deliver(entry, outcome)
 
-    def _take_admissible(self) -> list[_Entry]:
-        """Pop the waiting requests that may start now, in order: while a batch row and a cache slot are
-        free, the token budget holds, and the padded prefill stays within ``max_prefill_tokens`` (the first
-        one is taken whatever its length)."""
-        lim = self.limits
-        slots = min(lim.max_batch_size - len(self._running), self.engine.free_slots)
-        batch: list[_Entry] = []
-        reserved, longest = self._reserved, 0
-        while self._waiting and len(batch) < slots:
-            entry = self._waiting[0]
-            budget = lim.max_total_tokens
-            if budget is not None and (self._running or batch) and reserved + entry.reserved > budget:
-                break  # FIFO: wait for running requests to finish rather than let smaller ones jump ahead
-            n = max(longest, len(entry.seq.prompt_ids))
-            if batch and n * (len(batch) + 1) > lim.max_prefill_tokens:
-                break
-            self._waiting.popleft()
+    def _take_admissible(self) -> list[Entry]:
+        """Pop the waiting requests that may start now (``admission.admissible``)."""
+        candidates = [Candidate(len(e.seq.prompt_ids), e.reserved) for e in self._waiting]
+        n = admissible(candidates, len(self._running), self._reserved, self.engine.free_slots, self.limits)
+        batch = [self._waiting.popleft() for _ in range(n)]
+        for _ in batch:
             self._dequeue()
-            batch.append(entry)
-            reserved += entry.reserved
-            longest = n
         return batch
 
     def _decode(self) -> None:
@@ -429,7 +357,7 @@ class Batcher:
             self._deliver(entry, outcome)
 
     def _step(
-        self, step: Callable[[list[EngineSequence]], list[StepOutcome]], batch: list[_Entry]
+        self, step: Callable[[list[EngineSequence]], list[StepOutcome]], batch: list[Entry]
     ) -> list[GenerationEvent | Exception]:
         """Run ``step`` (the engine's prefill_batch or decode_step) over ``batch``: each entry's event, or
         the exception that failed it. A request that fails alone (``RequestFailed``) fails alone. A step that
@@ -454,7 +382,7 @@ class Batcher:
                 out.append(e)
         return out
 
-    def _engine_failed(self, entry: _Entry, error: Exception) -> None:
+    def _engine_failed(self, entry: Entry, error: Exception) -> None:
         """Fail ``entry`` with INTERNAL after the engine raised on it (or failed it alone), and give its slot
         back."""
         msg = (
@@ -462,68 +390,11 @@ class Batcher:
         )
         log.error(msg, exc_info=error, extra={"request_id": entry.request.request_id})
         self.engine.release(entry.seq)
-        self._fail(entry, ServingError(ErrorKind.INTERNAL, msg))
+        self._outbox.fail(entry, ServingError(ErrorKind.INTERNAL, msg))
 
-    # ---- results -------------------------------------------------------------------------------------
-
-    def _deliver(self, entry: _Entry, event: GenerationEvent) -> None:
-        chunk = TokenChunk(event.text, tuple(event.token_ids), tuple(event.logprobs))
-        entry.held.append(chunk)
-        if event.finish_reason is None:
-            request = entry.request
-            if request.stream and (len(entry.seq.output_ids) - 1) % request.stream_interval == 0:
-                self._emit(entry, self._take_held(entry))
-        else:
-            completion = self._completion(entry, event.finish_reason)
-            self.observer.completed(completion)
-            self._emit(entry, completion)
-
-    def _completion(self, entry: _Entry, finish_reason: Any) -> Completion:
-        last = self._take_held(entry)  # tokens not sent yet travel with the completion
-        seq = entry.seq
-        n = len(seq.output_ids)
-        timings = Timings(
-            queue_s=entry.t_admit - entry.t_accept,
-            prefill_s=entry.t_prefilled - entry.t_admit,
-            ttft_s=entry.t_first - entry.t_accept,
-            total_s=entry.t_last - entry.t_accept,
-            mean_inter_token_s=(entry.t_last - entry.t_first) / (n - 1) if n > 1 else 0.0,
-        )
-        return Completion(
-            finish_reason, len(seq.prompt_ids), n, seq.seed, timings, seq.sparsity.report(), last
-        )
-
-    def _take_held(self, entry: _Entry) -> TokenChunk | None:
-        """The tokens not sent yet as one chunk (None if there are none); they count as sent from now."""
-        held, entry.held = entry.held, []
-        if not held:
-            return None
-        return held[0] if len(held) == 1 else merge_chunks(held)
-
-    def _fail(self, entry: _Entry, error: ServingError) -> None:
-        if entry.request.stream and entry.held:  # a stream gets every token sampled before the error
-            self._emit(entry, self._take_held(entry))
-        self._emit(entry, error)
-
-    def _emit(self, entry: _Entry, item: StreamItem) -> None:
-        self._outbox.append((entry.ticket, item))
-
-    def _flush(self) -> None:
-        if not self._outbox:
-            return
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Ticket, StreamItem]]] = {}
-        for ticket, item in self._outbox:
-            by_loop.setdefault(ticket.loop, []).append((ticket, item))
-        self._outbox = []
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-                loop.call_soon_threadsafe(_put_all, items)
-
-
-def _put_all(items: list[tuple[Ticket, StreamItem]]) -> None:
-    for ticket, item in items:
-        ticket._items.put_nowait(item)
-
-
-def _expired(entry: _Entry, now: float) -> bool:
-    return entry.request.deadline is not None and now >= entry.request.deadline
+    def _deliver(self, entry: Entry, event: GenerationEvent) -> None:
+        item = entry.add(event)
+        if isinstance(item, Completion):
+            self.observer.completed(item)
+        if item is not None:
+            self._outbox.put(entry, item)

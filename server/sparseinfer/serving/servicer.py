@@ -23,8 +23,9 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as PbMessage
 
-from sparseinfer.serving.batcher import Batcher, Ticket
+from sparseinfer.serving.batcher import Batcher
 from sparseinfer.serving.convert import Details, error_message, final_fields, from_pb, tokens_to_pb
+from sparseinfer.serving.delivery import Ticket
 from sparseinfer.serving.metrics import ServerMetrics
 from sparseinfer.serving.requests import Completion, ErrorKind, ServingError, TokenChunk
 from sparseinfer_client._proto import sparseinfer_pb2 as pb
