@@ -1,9 +1,11 @@
 """Protobuf at the edge: wire messages → domain requests (``from_pb``, with validation that names the field
-by its path in the .proto) and domain results → wire messages (``*_to_pb``). Nothing else imports protobuf.
+by its path in the .proto) and domain results → wire messages (``*_to_pb``). Only this module and the
+servicer (which parses requests and builds responses) import protobuf.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from sparseinfer.engine.accounting import SparsityReport
 from sparseinfer.engine.errors import InvalidRequest
 from sparseinfer.engine.sampling import SamplingParams
 from sparseinfer.serving.config import MAX_REQUEST_ID, Limits
+from sparseinfer.serving.model_info import ModelDescription
 from sparseinfer.serving.requests import BatchRequest, Completion, ServingError, TokenChunk
 from sparseinfer_client._proto import sparseinfer_pb2 as pb
 
@@ -158,6 +161,30 @@ def report_to_pb(r: SparsityReport) -> pb.SparsityReport:
         ffn_bytes_read=r.ffn_bytes_read,
         ffn_bytes_dense=r.ffn_bytes_dense,
     )
+
+
+def model_info_to_pb(info: ModelDescription) -> pb.ModelInfoResponse:
+    out = pb.ModelInfoResponse(
+        model_id=info.model_id,
+        architecture=info.architecture,
+        activation=info.activation,
+        num_layers=info.num_layers,
+        hidden_size=info.hidden_size,
+        neurons_per_layer=info.neurons_per_layer,
+        vocab_size=info.vocab_size,
+        max_context=info.max_context,
+        dtype=info.dtype,
+        default_sparsity_mode=MODE_TO_PB[info.default_sparsity_mode],
+        available_sparsity_modes=[MODE_TO_PB[m] for m in info.available_sparsity_modes],
+        placement=pb.Placement(**dataclasses.asdict(info.placement)),
+        limits=pb.Limits(**dataclasses.asdict(info.limits)),
+        server_version=info.server_version,
+    )
+    if info.cett_target is not None:
+        out.cett_target = info.cett_target
+    if info.predictor_recall is not None:
+        out.predictor_recall = info.predictor_recall
+    return out
 
 
 def final_fields(c: Completion) -> dict[str, object]:

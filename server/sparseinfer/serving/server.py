@@ -95,7 +95,7 @@ class AsyncServer:
             self.metrics,
             tokenizer.encode,
             lambda token_id: tokenizer.decode([token_id]),
-            self.served.model_info,
+            self.served.description,
         )
         add_to_server(servicer, server)
         self._servicer = servicer

@@ -24,9 +24,17 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as PbMessage
 
 from sparseinfer.serving.batcher import Batcher
-from sparseinfer.serving.convert import Details, error_message, final_fields, from_pb, tokens_to_pb
+from sparseinfer.serving.convert import (
+    Details,
+    error_message,
+    final_fields,
+    from_pb,
+    model_info_to_pb,
+    tokens_to_pb,
+)
 from sparseinfer.serving.delivery import Ticket
 from sparseinfer.serving.metrics import ServerMetrics
+from sparseinfer.serving.model_info import ModelDescription
 from sparseinfer.serving.requests import Completion, ErrorKind, ServingError, TokenChunk
 from sparseinfer_client._proto import sparseinfer_pb2 as pb
 
@@ -98,13 +106,13 @@ class SparseInferServicer:
         metrics: ServerMetrics,
         encode: Callable[[str], list[int]],
         piece: Callable[[int], str],
-        model_info: pb.ModelInfoResponse,
+        model_info: ModelDescription,
     ) -> None:
         self.batcher = batcher
         self.metrics = metrics
         self.encode = encode
         self.piece = piece
-        self.model_info = model_info
+        self.model_info = model_info_to_pb(model_info)  # static: converted once
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparseinfer-tokenize")
 
     def close(self) -> None:
