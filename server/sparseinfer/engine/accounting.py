@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sparseinfer.model.step import MODES
+from sparseinfer.model.step import MODES, SparsityMode
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class LayerSparsity:
 class SparsityReport:
     """How sparse one request ran (the server returns this; see the module docstring for counting rules)."""
 
-    mode: str  # "dense" | "oracle" | "predicted"
+    mode: str  # a SparsityMode
     tokens: int  # tokens whose FFNs were counted (prompt + generated)
     computed_share: float  # neurons computed for this request / neurons a dense FFN computes (all layers)
     layers: tuple[LayerSparsity, ...]
@@ -64,7 +64,7 @@ class SparsityTally:
     dense tally, so a ``Sequence`` built outside a ``Engine`` still has one).
     """
 
-    mode: str = "dense"
+    mode: str = SparsityMode.DENSE
     layer_neurons: tuple[int, ...] = ()
     neuron_bytes: tuple[int, ...] = ()
     tokens: int = 0

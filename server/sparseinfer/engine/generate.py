@@ -34,7 +34,7 @@ from sparseinfer.engine.placement import neuron_bytes
 from sparseinfer.engine.sampling import SamplingParams, sample_batch_scored
 from sparseinfer.engine.sequence import GenerationEvent, GenerationResult, Sequence, StepOutcome
 from sparseinfer.model.kv_cache import CacheFullError, KVCache
-from sparseinfer.model.step import ForwardStep
+from sparseinfer.model.step import ForwardStep, SparsityMode
 from sparseinfer.model.tokenizer import IncrementalDecoder, Tokenizer
 
 Prompt = str | SequenceABC[int]
@@ -132,8 +132,8 @@ class Engine:
     def _mode(self, requested: str | None) -> str:
         if self.sparsity is not None:
             return self.sparsity.check_mode(requested if requested is not None else self.sparsity.config.mode)
-        mode = validate_mode(requested if requested is not None else "dense")
-        if mode != "dense":
+        mode = validate_mode(requested if requested is not None else SparsityMode.DENSE)
+        if mode != SparsityMode.DENSE:
             raise InvalidRequest(
                 "sparsity_mode",
                 f"{mode!r} needs sparse execution, but this generator runs the model dense "

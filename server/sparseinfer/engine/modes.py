@@ -23,7 +23,12 @@ from sparseinfer.model.step import MODES, ForwardStep, SparsityMode
 from sparseinfer.model.transformer import Transformer
 from sparseinfer.sparsity.sidecar import PRODUCERS, Sidecar, SidecarError
 
-NEEDS = {"dense": (), "oracle": ("calibration",), "predicted": ("calibration", "predictor")}
+# The sidecar sections each mode needs.
+NEEDS = {
+    SparsityMode.DENSE: (),
+    SparsityMode.ORACLE: ("calibration",),
+    SparsityMode.PREDICTED: ("calibration", "predictor"),
+}
 
 
 class ModeUnavailable(SidecarError, InvalidRequest):
@@ -43,7 +48,7 @@ def validate_mode(mode: str, name: str = "sparsity mode") -> SparsityMode:
 
 @dataclass(frozen=True)
 class SparsityConfig:
-    mode: str = "dense"  # the default mode of requests that do not choose one
+    mode: str = SparsityMode.DENSE  # the default mode of requests that do not choose one
     gpu_memory: int | None = None  # bytes for the fast device; None: no placement (one tier, model's device)
     crossover: float | None = None  # union density above which a layer runs dense (None: measured default)
     measure_truth: bool = False  # predicted/dense rows also compute the true active set (costs a dense FFN)

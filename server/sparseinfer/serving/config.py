@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sparseinfer.model.step import MODES
+from sparseinfer.model.step import MODES, SparsityMode
 
 if TYPE_CHECKING:
     from sparseinfer.engine.factory import EngineConfig
@@ -104,7 +104,7 @@ class ServeConfig:
     model: Path | None = None
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port (tests); the handle reports the bound one
-    sparsity: str = "dense"  # the default mode of requests that do not choose one
+    sparsity: str = SparsityMode.DENSE  # the default mode of requests that do not choose one
     gpu_memory: int | None = None  # bytes for hot neurons on the fast device; None: no hot/cold placement
     limits: Limits = Limits()
     auth_token: str | None = None  # bearer token every RPC except health must carry

@@ -13,15 +13,16 @@ from dataclasses import dataclass
 from sparseinfer.engine.accounting import SparsityReport
 from sparseinfer.engine.errors import InvalidRequest
 from sparseinfer.engine.sampling import SamplingParams
+from sparseinfer.model.step import SparsityMode
 from sparseinfer.serving.config import MAX_REQUEST_ID, Limits
 from sparseinfer.serving.model_info import ModelDescription
 from sparseinfer.serving.requests import BatchRequest, Completion, ServingError, TokenChunk
 from sparseinfer_client._proto import sparseinfer_pb2 as pb
 
 MODE_FROM_PB = {
-    pb.SPARSITY_MODE_DENSE: "dense",
-    pb.SPARSITY_MODE_ORACLE: "oracle",
-    pb.SPARSITY_MODE_PREDICTED: "predicted",
+    pb.SPARSITY_MODE_DENSE: SparsityMode.DENSE,
+    pb.SPARSITY_MODE_ORACLE: SparsityMode.ORACLE,
+    pb.SPARSITY_MODE_PREDICTED: SparsityMode.PREDICTED,
 }
 MODE_TO_PB = {v: k for k, v in MODE_FROM_PB.items()}
 FINISH_TO_PB = {

@@ -12,7 +12,7 @@ import sparseinfer
 from sparseinfer.engine.generate import Engine
 from sparseinfer.engine.modes import SparseRuntime
 from sparseinfer.engine.placement import neuron_bytes
-from sparseinfer.model.step import MODES
+from sparseinfer.model.step import MODES, SparsityMode
 from sparseinfer.serving.config import ServeConfig
 
 
@@ -66,7 +66,7 @@ def describe(config: ServeConfig, engine: Engine, directory: Path) -> ModelDescr
     model = engine.model
     c = model.config
     runtime = engine.sparsity
-    available: tuple[str, ...] = ("dense",)
+    available: tuple[str, ...] = (SparsityMode.DENSE,)
     cett: float | None = None
     recall: float | None = None
     if runtime is not None:
