@@ -3,10 +3,8 @@
 The sparse FFN reads one 8 KB row per active neuron from scattered places in a layer's weights. On 4 KiB
 pages nearly every such row needs new TLB entries (a 7B layer's ~270 MB spans 66,000 pages; the TLB covers a
 few MB), and the page walks hold back the reads. Copied into memory advised ``MADV_HUGEPAGE`` the same rows
-sit on a few hundred 2 MiB pages. Measured on the 2-core development VM (LLaMA-7B gated FFN, 90% sparsity,
-bf16, batch 1, cold caches): ``sparse_ffn`` took 1.32 ms on 4 KiB pages and 1.03 ms on huge pages (medians
-of 31 interleaved calls). ``sparseinfer bench kernels`` places the dense and the sparse weights alike this
-way.
+sit on a few hundred 2 MiB pages: ``sparse_ffn`` runs ~22% faster (benchmarks/results/README.md, "Design
+measurements"). ``sparseinfer bench kernels`` places the dense and the sparse weights alike this way.
 
 Linux only (elsewhere, or with ``/sys/kernel/mm/transparent_hugepage/enabled`` at ``never``, tensors are
 left as they are). ``SparsityConfig.hugepages`` False (the CLI's ``$SPARSEINFER_HUGEPAGES=0``) turns it off:

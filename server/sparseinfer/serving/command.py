@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--sparsity",
         choices=("dense", "oracle", "predicted"),
-        default=_DEFAULTS.sparsity,
+        default=str(_DEFAULTS.sparsity),
         help="default FFN execution mode of requests (each request may choose its own)",
     )
     p.add_argument("--gpu-memory", metavar="SIZE", help="budget for hot neurons on the GPU: 4GiB, 512MB, 0")

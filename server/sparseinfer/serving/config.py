@@ -24,8 +24,8 @@ MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024  # the ceiling; a model's own limit 
 MAX_SEND_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_REQUEST_ID = 128  # characters
 
-# uvloop wakes for a streamed token with ~25-30% less CPU than asyncio's own loop (the event-loop thread,
-# one token every ~1.8 ms, measured side by side on the 2-core VM); it is a dependency wherever it builds.
+# uvloop wakes for a streamed token with less CPU than asyncio's own loop (benchmarks/results/README.md);
+# it is a dependency wherever it builds.
 EVENT_LOOPS = ("uvloop", "asyncio")
 DEFAULT_EVENT_LOOP = "asyncio" if sys.platform == "win32" else "uvloop"
 

@@ -3,9 +3,8 @@
 Why one: torch's CPU ops run their parallel regions on OpenMP (libgomp), which keeps a separate worker pool
 for every thread that opens a region. Load the model on the main thread and decode on another, and the
 process holds two pools: libgomp then counts more threads than cores and lets idle workers sleep after ~1000
-spins instead of ~300,000, so every parallel op of the next step pays a futex wake-up. On the 2-core
-development VM a batch-1 decode step of the bundled model took 5.2 ms that way and 1.6 ms with load and
-decode on one thread (2 torch threads either way).
+spins instead of ~300,000, so every parallel op of the next step pays a futex wake-up: a batch-1 decode
+step of the bundled model took over 3× longer (benchmarks/results/README.md, "Design measurements").
 """
 
 from __future__ import annotations

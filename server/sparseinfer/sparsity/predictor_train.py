@@ -18,9 +18,9 @@ from ``capture.layerwise_ffn_inputs``, which streams layer by layer), the labels
 180 MB for 2^17 tokens of a 7B layer), the FFN's h for one chunk, and the validation positives' scores
 (4 bytes per truly active validation pair) to pick the threshold exactly.
 
-Time (measured, 2 CPU cores, 7B-shaped layer d 4096, m 11008, default rank 537, batch 1024): 1.2 ms per
-training token per epoch, so 2^17 tokens (80% train) × 20 epochs × 32 layers ≈ 22 h on CPU; use a GPU, or e.g.
-``--tokens 16384 --epochs 5`` (≈ 45 min). The FFN-input capture and the labels cost far less than training.
+Time: at 7B scale a full run takes most of a day on a 2-core CPU (benchmarks/results/README.md, "Design
+measurements"); use a GPU, or bound it with ``--tokens`` and ``--epochs``. The FFN-input capture and the
+labels cost far less than training.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from sparseinfer.sparsity.predictor import (
 SPLIT_NAMES = ("train", "validation", "test")
 DEFAULT_EPOCHS = 20
 DEFAULT_LR = 5e-3  # Adam; the epoch with the lowest validation loss is kept, so a noisy end does no harm
-# 1024 tokens per step: 2.7× the CPU throughput of 256 on a 7B-shaped layer (1.2 vs 3.2 ms/token/epoch)
+# 1024 tokens per step: far higher CPU throughput than 256 (benchmarks/results/README.md)
 DEFAULT_BATCH_SIZE = 1024
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
