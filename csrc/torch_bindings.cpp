@@ -7,7 +7,6 @@ TORCH_LIBRARY(sparseinfer, m) {
   // normalised x to x's dtype before the weight multiply, in Hugging Face LlamaRMSNorm's order
   // (the fp32 sum of squares may differ from torch's by an ulp: another summation order).
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("rms_norm_out(Tensor x, Tensor weight, float eps, Tensor(a!) out) -> ()");
 
   // Predictor scores (B, m) -> (row_mask bool (B, m), union int32 (n,) ascending unique: the
   // neurons active in at least one row). top_k > 0: each row keeps its top_k largest scores (ties
@@ -17,14 +16,19 @@ TORCH_LIBRARY(sparseinfer, m) {
   // rows): x (B, d); w_in (m, d) the projection the activation applies to; w_up (m, d) or None
   // (non-gated); w_out_t (m, d) = down_proj.weight.T, contiguous; row_mask None or bool (B, m)
   // zeroing h[b, i] where false; activation relu | relu2 | silu | fatrelu (z if z > threshold) |
-  // drelu (relu on gate and up). fp32 accumulation; returns (B, d) in x's dtype.
+  // drelu (relu on gate and up). weight_format: none (weights in x's dtype) | q8_0 | q4_0 (uint8
+  // rows of ggml blocks, see quantize; x is then quantized to Q8_0 for the dot products). fp32
+  // accumulation; returns (B, d) in x's dtype.
   m.def(
       "sparse_ffn(Tensor x, Tensor w_in, Tensor? w_up, Tensor w_out_t, Tensor active, "
-      "Tensor? row_mask, str activation, float threshold) -> Tensor");
-  m.def(
-      "sparse_ffn_out(Tensor x, Tensor w_in, Tensor? w_up, Tensor w_out_t, Tensor active, "
-      "Tensor? row_mask, str activation, float threshold, Tensor(a!) out) -> ()");
-  // y = x weightᵀ + bias: x (B, d), weight (k, d) contiguous, bias (k,) or None; fp32 accumulation,
-  // (B, k) in x's dtype. For the predictors' small projections (torch's CPU bf16 GEMV is slow).
-  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+      "Tensor? row_mask, str activation, float threshold, str weight_format=\"none\") -> Tensor");
+  // y = x weightᵀ + bias: x (B, d), weight (k, d) contiguous in x's dtype, or uint8 (k, d / 32 *
+  // block bytes) for weight_format q8_0 | q4_0; bias (k,) or None; fp32 accumulation, (B, k) in x's
+  // dtype. The dense projections where torch's kernels are slower (or have no such format).
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias, str weight_format=\"none\") -> Tensor");
+  // w (rows, d), d % 32 == 0, any float dtype -> uint8 (rows, d / 32 * block bytes): ggml's Q8_0
+  // (34-byte blocks) or Q4_0 (18-byte blocks) layout and reference rounding. dequantize: back to
+  // fp32.
+  m.def("quantize(Tensor w, str format) -> Tensor");
+  m.def("dequantize(Tensor q, str format) -> Tensor");
 }

@@ -1,25 +1,22 @@
-// y = x Wᵀ (+ b) on the CPU with the sparse FFN's row kernels: one task per weight row, the row
-// read once for all batch rows, fp32 accumulation. It exists for the small dense projections on the
-// sparse path (the low-rank predictors): torch 2.13's CPU bf16 matrix-vector product on a CPU
-// without AVX-512 BF16 runs at a few percent of memory bandwidth, which would cost more than the
-// sparse FFN it guards. Bit-identical for any thread count (each output is one row's dot product).
-#include <ATen/Parallel.h>
+// y = x Wᵀ (+ b) on the CPU with the row kernels: one task per weight row, the row read once for
+// all batch rows, fp32 accumulation. Weights in x's dtype, or block-quantized (ggml Q8_0 / Q4_0, x
+// then quantized to Q8_0 as ggml does; see weights.h). It runs the dense projections where torch's
+// kernels are slower: torch 2.13's CPU bf16 matrix-vector product on a CPU without AVX-512 BF16
+// runs at a few percent of memory bandwidth, and torch has no kernel for ggml's block formats at
+// all. Bit-identical for any thread count (each output is one row's dot product).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <numeric>
 #include <optional>
+#include <string_view>
 #include <vector>
 
-#include "row_kernels.h"
+#include "weights.h"
 
 namespace sparseinfer {
-namespace cpu {
-RowKernels choose_row_kernels(WeightType type);  // sparse_ffn.cpp
-WeightType weight_type_of(at::ScalarType type);  // sparse_ffn.cpp
-}  // namespace cpu
-
 namespace {
 
 float load_as_float(const void* p, int64_t i, at::ScalarType type) {
@@ -39,19 +36,17 @@ void store_float(void* p, int64_t i, float v, at::ScalarType type) {
 }
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(),
-              "linear: tensors must be on the CPU");
+                      const std::optional<at::Tensor>& bias, c10::string_view weight_format) {
+  constexpr const char* kOp = "linear";
+  TORCH_CHECK(x.device().is_cpu(), "linear: x must be on the CPU");
   TORCH_CHECK(x.dim() == 2, "linear: x must have shape (B, d), got ", x.sizes());
   const at::ScalarType type = x.scalar_type();
-  const cpu::WeightType wtype = cpu::weight_type_of(type);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1),
-              "linear: weight must have shape (k, d) with d = ", x.size(1), ", got ",
-              weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == type, "linear: weight dtype ", weight.scalar_type(),
-              " differs from x dtype ", type);
-  TORCH_CHECK(weight.is_contiguous(), "linear: weight must be contiguous");
+  cpu::weight_type_of(type);
+  const auto format =
+      cpu::parse_weight_format(std::string_view(weight_format.data(), weight_format.size()), kOp);
+  TORCH_CHECK(weight.dim() == 2, "linear: weight must be 2-D, got ", weight.sizes());
   const int64_t B = x.size(0), d = x.size(1), k = weight.size(0);
+  const cpu::WeightMatrix w = cpu::weight_matrix(weight, format, k, d, type, kOp, "weight");
   if (bias.has_value()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == k &&
                     bias->scalar_type() == type,
@@ -59,26 +54,19 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   }
   at::Tensor out = at::empty({B, k}, x.options());  // (B, k)
   if (B == 0 || k == 0) return out;
-  const at::Tensor x32 = x.to(at::kFloat).contiguous();  // (B, d)
+  const cpu::Activations xa(x, format);
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const void* bp = bias.has_value() ? bc.const_data_ptr() : nullptr;
-  const cpu::RowKernels kern = cpu::choose_row_kernels(wtype);
-  const float* xp = x32.const_data_ptr<float>();
-  const auto* wp = static_cast<const char*>(weight.const_data_ptr());
-  const int64_t row_bytes = d * static_cast<int64_t>(weight.element_size());
+  std::vector<int32_t> all(static_cast<size_t>(B));
+  std::iota(all.begin(), all.end(), 0);
   void* op = out.mutable_data_ptr();
-  at::parallel_for(0, k, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
-    const float* xs[cpu::kMaxDotRows];
-    float res[cpu::kMaxDotRows];
+  cpu::parallel_chunks(k, /*chunk=*/16, [&](int64_t begin, int64_t end) {
+    std::vector<float> res(static_cast<size_t>(B));
     for (int64_t i = begin; i < end; ++i) {
       const float b = bp == nullptr ? 0.f : load_as_float(bp, i, type);
-      const char* next = i + 1 < end ? wp + (i + 1) * row_bytes : nullptr;
-      for (int64_t b0 = 0; b0 < B; b0 += cpu::kMaxDotRows) {
-        const int nr = static_cast<int>(std::min<int64_t>(cpu::kMaxDotRows, B - b0));
-        for (int r = 0; r < nr; ++r) xs[r] = xp + (b0 + r) * d;
-        kern.dots(wp + i * row_bytes, b0 + nr >= B ? next : nullptr, xs, nr, d, res);
-        for (int r = 0; r < nr; ++r) store_float(op, (b0 + r) * k + i, res[r] + b, type);
-      }
+      xa.dots(w.row(i), i + 1 < end ? w.row(i + 1) : nullptr, all.data(), static_cast<int>(B),
+              res.data());
+      for (int64_t r = 0; r < B; ++r) store_float(op, r * k + i, res[r] + b, type);
     }
   });
   return out;

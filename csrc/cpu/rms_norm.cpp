@@ -67,7 +67,4 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
 }  // namespace
 }  // namespace sparseinfer
 
-TORCH_LIBRARY_IMPL(sparseinfer, CPU, m) {
-  m.impl("rms_norm", &sparseinfer::rms_norm_cpu);
-  m.impl("rms_norm_out", &sparseinfer::rms_norm_out_cpu);
-}
+TORCH_LIBRARY_IMPL(sparseinfer, CPU, m) { m.impl("rms_norm", &sparseinfer::rms_norm_cpu); }

@@ -81,7 +81,4 @@ at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double e
 }  // namespace
 }  // namespace sparseinfer
 
-TORCH_LIBRARY_IMPL(sparseinfer, CUDA, m) {
-  m.impl("rms_norm", &sparseinfer::rms_norm_cuda);
-  m.impl("rms_norm_out", &sparseinfer::rms_norm_out_cuda);
-}
+TORCH_LIBRARY_IMPL(sparseinfer, CUDA, m) { m.impl("rms_norm", &sparseinfer::rms_norm_cuda); }

@@ -242,7 +242,12 @@ void sparse_ffn_out_cuda(const at::Tensor& x, const at::Tensor& w_in,
 at::Tensor sparse_ffn_cuda(const at::Tensor& x, const at::Tensor& w_in,
                            const std::optional<at::Tensor>& w_up, const at::Tensor& w_out_t,
                            const at::Tensor& active, const std::optional<at::Tensor>& row_mask,
-                           c10::string_view activation, double threshold) {
+                           c10::string_view activation, double threshold,
+                           c10::string_view weight_format) {
+  TORCH_CHECK(
+      weight_format == "none",
+      "sparse_ffn: the CUDA kernels take weights in x's dtype only (weight_format none), got ",
+      std::string(weight_format.data(), weight_format.size()));
   TORCH_CHECK(x.dim() == 2, "sparse_ffn: x must have shape (B, d), got ", x.sizes());
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   sparse_ffn_out_cuda(x, w_in, w_up, w_out_t, active, row_mask, activation, threshold, out);
@@ -251,7 +256,10 @@ at::Tensor sparse_ffn_cuda(const at::Tensor& x, const at::Tensor& w_in,
 
 // cuBLAS's GEMV is already at bandwidth on the GPU; the op exists for the CPU (see cpu/linear.cpp).
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight,
-                       const std::optional<at::Tensor>& bias) {
+                       const std::optional<at::Tensor>& bias, c10::string_view weight_format) {
+  TORCH_CHECK(weight_format == "none",
+              "linear: the CUDA path takes weights in x's dtype only (weight_format none), got ",
+              std::string(weight_format.data(), weight_format.size()));
   TORCH_CHECK(x.dim() == 2, "linear: x must have shape (B, d), got ", x.sizes());
   return at::linear(x, weight, bias);
 }
@@ -262,5 +270,4 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight,
 TORCH_LIBRARY_IMPL(sparseinfer, CUDA, m) {
   m.impl("linear", &sparseinfer::linear_cuda);
   m.impl("sparse_ffn", &sparseinfer::sparse_ffn_cuda);
-  m.impl("sparse_ffn_out", &sparseinfer::sparse_ffn_out_cuda);
 }

@@ -15,21 +15,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.sparseinfer.rms_norm.default(x, weight, eps)
 
 
-def rms_norm_out(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
-    """``rms_norm`` into a caller-owned contiguous buffer (decode reuses one per step)."""
-    torch.ops.sparseinfer.rms_norm_out.default(x, weight, eps, out)
-    return out
-
-
 @torch.library.register_fake("sparseinfer::rms_norm")
 def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[-1])
     return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("sparseinfer::rms_norm_out")
-def _rms_norm_out_fake(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> None:
-    torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[-1])
 
 
 def select_active(
@@ -53,45 +42,69 @@ def sparse_ffn(
     row_mask: torch.Tensor | None,
     activation: str,
     threshold: float,
+    weight_format: str = "none",
 ) -> torch.Tensor:
     """FFN over only the neurons in ``active`` (int32 ascending): ``down_proj(h ⊙ mask)`` (B, d), x's dtype.
 
-    x (B, d); w_in / w_up / w_out_t (m, d) contiguous (w_up None: non-gated; w_out_t = down_proj.weight.T);
+    x (B, d); w_in / w_up / w_out_t (m, d) contiguous (w_up None: non-gated; w_out_t = down_proj.weight.T)
+    in x's dtype, or, with ``weight_format`` q8_0 / q4_0, uint8 rows of ggml blocks (``quantize``);
     row_mask None or bool (B, m); activation relu | relu2 | silu | fatrelu | drelu; threshold: FATReLU's.
     """
     return torch.ops.sparseinfer.sparse_ffn.default(
-        x, w_in, w_up, w_out_t, active, row_mask, activation, threshold
+        x, w_in, w_up, w_out_t, active, row_mask, activation, threshold, weight_format
     )
 
 
-def sparse_ffn_out(
-    x: torch.Tensor,
-    w_in: torch.Tensor,
-    w_up: torch.Tensor | None,
-    w_out_t: torch.Tensor,
-    active: torch.Tensor,
-    row_mask: torch.Tensor | None,
-    activation: str,
-    threshold: float,
-    out: torch.Tensor,
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, weight_format: str = "none"
 ) -> torch.Tensor:
-    """``sparse_ffn`` into a caller-owned contiguous (B, d) buffer of x's dtype (decode reuses one)."""
-    torch.ops.sparseinfer.sparse_ffn_out.default(
-        x, w_in, w_up, w_out_t, active, row_mask, activation, threshold, out
-    )
-    return out
+    """``x @ weight.T + bias`` (B, k), fp32 accumulation, at memory bandwidth on the CPU in every dtype
+    (torch's own CPU bf16 GEMV is slow without AVX-512 BF16). weight (k, d) contiguous in x's dtype, or,
+    with ``weight_format`` q8_0 / q4_0, uint8 rows of ggml blocks (``quantize``)."""
+    return torch.ops.sparseinfer.linear.default(x, weight, bias, weight_format)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` (B, k), fp32 accumulation; on the CPU at memory bandwidth also in bf16 (torch's
-    own CPU bf16 GEMV is slow without AVX-512 BF16), for the predictors' projections. weight contiguous."""
-    return torch.ops.sparseinfer.linear.default(x, weight, bias)
+BLOCK = 32  # weights per block of the quantized formats
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}  # ggml's block_q8_0 / block_q4_0
+
+
+def quantize(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """(rows, d) float, d % 32 == 0 -> uint8 (rows, d / 32 * block bytes) in ggml's ``fmt`` layout
+    (q8_0 | q4_0), by ggml's reference rounding."""
+    return torch.ops.sparseinfer.quantize.default(w, fmt)
+
+
+def dequantize(q: torch.Tensor, fmt: str) -> torch.Tensor:
+    """uint8 rows of ``fmt`` blocks -> (rows, d) float32."""
+    return torch.ops.sparseinfer.dequantize.default(q, fmt)
+
+
+def _weight_cols(weight: torch.Tensor, weight_format: str) -> int:
+    if weight_format == "none":
+        return weight.shape[1]
+    return weight.shape[1] // BLOCK_BYTES[weight_format] * BLOCK
 
 
 @torch.library.register_fake("sparseinfer::linear")
-def _linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    torch._check(x.dim() == 2 and weight.dim() == 2 and weight.shape[1] == x.shape[1])
+def _linear_fake(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_format: str = "none"
+) -> torch.Tensor:
+    torch._check(x.dim() == 2 and weight.dim() == 2 and _weight_cols(weight, weight_format) == x.shape[1])
     return torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+
+
+@torch.library.register_fake("sparseinfer::quantize")
+def _quantize_fake(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    torch._check(w.dim() == 2 and w.shape[1] % BLOCK == 0)
+    return torch.empty(w.shape[0], w.shape[1] // BLOCK * BLOCK_BYTES[fmt], dtype=torch.uint8, device=w.device)
+
+
+@torch.library.register_fake("sparseinfer::dequantize")
+def _dequantize_fake(q: torch.Tensor, fmt: str) -> torch.Tensor:
+    torch._check(q.dim() == 2 and q.shape[1] % BLOCK_BYTES[fmt] == 0)
+    return torch.empty(
+        q.shape[0], q.shape[1] // BLOCK_BYTES[fmt] * BLOCK, dtype=torch.float32, device=q.device
+    )
 
 
 @torch.library.register_fake("sparseinfer::select_active")
@@ -104,8 +117,10 @@ def _select_active_fake(
     return row_mask, torch.empty(n, dtype=torch.int32, device=scores.device)
 
 
-def _check_sparse_ffn_shapes(x: torch.Tensor, w_in: torch.Tensor, w_out_t: torch.Tensor) -> None:
-    torch._check(x.dim() == 2 and w_in.dim() == 2 and w_in.shape[1] == x.shape[1])
+def _check_sparse_ffn_shapes(
+    x: torch.Tensor, w_in: torch.Tensor, w_out_t: torch.Tensor, weight_format: str
+) -> None:
+    torch._check(x.dim() == 2 and w_in.dim() == 2 and _weight_cols(w_in, weight_format) == x.shape[1])
     torch._check(w_out_t.shape == w_in.shape)
 
 
@@ -119,21 +134,7 @@ def _sparse_ffn_fake(
     row_mask: torch.Tensor | None,
     activation: str,
     threshold: float,
+    weight_format: str = "none",
 ) -> torch.Tensor:
-    _check_sparse_ffn_shapes(x, w_in, w_out_t)
+    _check_sparse_ffn_shapes(x, w_in, w_out_t, weight_format)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-@torch.library.register_fake("sparseinfer::sparse_ffn_out")
-def _sparse_ffn_out_fake(
-    x: torch.Tensor,
-    w_in: torch.Tensor,
-    w_up: torch.Tensor | None,
-    w_out_t: torch.Tensor,
-    active: torch.Tensor,
-    row_mask: torch.Tensor | None,
-    activation: str,
-    threshold: float,
-    out: torch.Tensor,
-) -> None:
-    _check_sparse_ffn_shapes(x, w_in, w_out_t)

@@ -44,14 +44,18 @@ def sparse_ffn(
     row_mask: torch.Tensor | None,
     activation: str,
     threshold: float,
+    weight_format: str = "none",
 ) -> torch.Tensor:
     """down_proj(h ⊙ mask) over only the neurons in ``active``, fp32 math, result in x's dtype.
 
     x (B, d); w_in / w_up / w_out_t (m, d) (w_out_t = down_proj.weight.T, one row per neuron); active int32
-    (n,) indices; row_mask None or bool (B, m) zeroing h[b, i] where false.
+    (n,) indices; row_mask None or bool (B, m) zeroing h[b, i] where false. With quantized weights
+    (``weight_format`` q8_0 | q4_0): the weights dequantized, and x as its Q8_0 quantization for the gate
+    and up dot products (``activations_q8_0``), as the kernels compute them.
     """
     idx = active.long()  # (n,)
-    x32 = x.float()  # (B, d)
+    x32 = _dot_operand(x, weight_format)  # (B, d)
+    w_in, w_out_t = _weights(w_in, weight_format), _weights(w_out_t, weight_format)
     z = x32 @ w_in.index_select(0, idx).float().t()  # (B, n)
     if activation in ("relu", "drelu"):
         h = torch.relu(z)
@@ -64,16 +68,85 @@ def sparse_ffn(
     else:
         raise ValueError(f"unknown activation {activation!r}")
     if w_up is not None:
-        up = x32 @ w_up.index_select(0, idx).float().t()  # (B, n)
+        up = x32 @ _weights(w_up, weight_format).index_select(0, idx).float().t()  # (B, n)
         h = h * (torch.relu(up) if activation == "drelu" else up)
     if row_mask is not None:
         h = h * row_mask.index_select(1, idx).to(h.dtype)  # (B, n)
     return (h @ w_out_t.index_select(0, idx).float()).to(x.dtype)  # (B, d)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` in fp32, rounded to x's dtype."""
-    y = x.float() @ weight.float().t()  # (B, k)
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, weight_format: str = "none"
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` in fp32, rounded to x's dtype (quantized weights: dequantized, against x's
+    Q8_0 quantization)."""
+    y = _dot_operand(x, weight_format) @ _weights(weight, weight_format).float().t()  # (B, k)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# ---- ggml's block formats: Q8_0 and Q4_0 (32 weights per block, an fp16 scale) ----
+
+BLOCK = 32
+
+
+def _round_half_away(v: torch.Tensor) -> torch.Tensor:
+    """C's roundf (ties away from zero), exactly: computed in float64, where |v| + 0.5 does not round."""
+    v64 = v.double()
+    return torch.sign(v64) * torch.floor(v64.abs() + 0.5)
+
+
+def quantize(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """(rows, d) -> uint8 (rows, d / 32 * block bytes), by ggml's reference quantizers (ggml-quants.c):
+    Q8_0: d = amax / 127, q = roundf(x / d); Q4_0: d = max / -8 (max: the value of largest magnitude, the
+    first one), q = min(15, (int)(x / d + 8.5)), two 4-bit values per byte (i and i + 16)."""
+    rows, cols = w.shape
+    b = w.float().reshape(rows, cols // BLOCK, BLOCK)  # (rows, nb, 32)
+    if fmt == "q8_0":
+        d = b.abs().amax(-1, keepdim=True) / 127  # (rows, nb, 1)
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        q = _round_half_away(b * inv).to(torch.int8).view(torch.uint8)  # (rows, nb, 32)
+    elif fmt == "q4_0":
+        first = b.abs().argmax(-1, keepdim=True)  # the first index of largest magnitude
+        d = b.gather(-1, first) / -8  # (rows, nb, 1)
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        nib = (b * inv + 8.5).trunc().clamp(0, 15).to(torch.uint8)  # (rows, nb, 32)
+        q = nib[..., :16] | (nib[..., 16:] << 4)  # (rows, nb, 16)
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    scale = d.to(torch.float16).view(torch.uint8).reshape(rows, cols // BLOCK, 2)
+    return torch.cat([scale, q], -1).reshape(rows, -1)
+
+
+def dequantize(q: torch.Tensor, fmt: str) -> torch.Tensor:
+    """uint8 rows of ``fmt`` blocks -> (rows, d) float32: w = d * q (Q4_0: q - 8)."""
+    size = {"q8_0": 34, "q4_0": 18}[fmt]
+    rows = q.shape[0]
+    blocks = q.reshape(rows, -1, size)  # (rows, nb, size)
+    d = blocks[..., :2].contiguous().view(torch.float16).float()  # (rows, nb, 1)
+    body = blocks[..., 2:]
+    if fmt == "q8_0":
+        vals = body.contiguous().view(torch.int8).float()  # (rows, nb, 32)
+    else:
+        vals = torch.cat([body & 15, body >> 4], -1).float() - 8  # (rows, nb, 32)
+    return (vals * d).reshape(rows, -1)
+
+
+def activations_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """x (B, d) as the kernels see it against quantized weights: each block of 32 quantized to Q8_0 (ggml's
+    quantize_row_q8_0: q = roundf(x / (amax / 127))) and dequantized with the scale rounded to fp16."""
+    B, d = x.shape
+    b = x.float().reshape(B, d // BLOCK, BLOCK)
+    step = b.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(step == 0, torch.zeros_like(step), 1 / step)
+    q = _round_half_away(b * inv).float()
+    return (q * step.to(torch.float16).float()).reshape(B, d)
+
+
+def _weights(w: torch.Tensor, weight_format: str) -> torch.Tensor:
+    return w if weight_format == "none" else dequantize(w, weight_format)
+
+
+def _dot_operand(x: torch.Tensor, weight_format: str) -> torch.Tensor:
+    return x.float() if weight_format == "none" else activations_q8_0(x)

@@ -46,15 +46,6 @@ def test_rms_norm_non_contiguous_input() -> None:
     torch.testing.assert_close(ops.rms_norm(xt, w, 1e-6), reference.rms_norm(x, w, 1e-6))
 
 
-def test_rms_norm_out_writes_into_caller_buffer() -> None:
-    x, w = _inputs((6, 33), torch.bfloat16)
-    out = torch.empty_like(x)
-    ptr = out.data_ptr()
-    result = ops.rms_norm_out(x, w, 1e-6, out)
-    assert result.data_ptr() == ptr
-    torch.testing.assert_close(out, reference.rms_norm(x, w, 1e-6), rtol=1e-2, atol=1e-2)
-
-
 def test_rms_norm_empty_batch() -> None:
     x, w = _inputs((0, 16), torch.float32)
     assert ops.rms_norm(x, w, 1e-6).shape == (0, 16)
@@ -87,17 +78,10 @@ def test_rms_norm_rejects_bad_arguments(x_shape, w_shape, w_dtype, message) -> N
         ops.rms_norm(x, w, 1e-6)
 
 
-def test_rms_norm_out_rejects_wrong_buffer() -> None:
-    x, w = _inputs((4, 8), torch.float32)
-    with pytest.raises(RuntimeError, match="out must match"):
-        ops.rms_norm_out(x, w, 1e-6, torch.empty(4, 9))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_opcheck(dtype: torch.dtype) -> None:
     x, w = _inputs((3, 40), dtype)
     torch.library.opcheck(torch.ops.sparseinfer.rms_norm.default, (x, w, 1e-6))
-    torch.library.opcheck(torch.ops.sparseinfer.rms_norm_out.default, (x, w, 1e-6, torch.empty_like(x)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -1,4 +1,4 @@
-"""sparseinfer::sparse_ffn / sparse_ffn_out against reference.sparse_ffn, on every CPU path this machine has
+"""sparseinfer::sparse_ffn against reference.sparse_ffn, on every CPU path this machine has
 (SPARSEINFER_CPU_ISA=scalar|avx2|avx512), plus opcheck, threading determinism and argument errors."""
 
 import concurrent.futures
@@ -124,15 +124,6 @@ def test_concurrent_callers_get_their_own_results(isa):
                 assert torch.equal(g, w)
 
 
-def test_out_variant_writes_into_buffer(isa):
-    args = _case(3, 50, 70, torch.bfloat16, masked=True)
-    out = torch.full((3, 50), 7.0, dtype=torch.bfloat16)
-    ptr = out.data_ptr()
-    result = ops.sparse_ffn_out(*args, "relu", 0.0, out)
-    assert result.data_ptr() == ptr
-    torch.testing.assert_close(out, ops.sparse_ffn(*args, "relu", 0.0), rtol=0, atol=0)
-
-
 def test_non_contiguous_x_and_mask(isa):
     x, w_in, w_up, w_out_t, active, row_mask = _case(4, 30, 40, torch.float32, masked=True)
     xt = x.t().contiguous().t()
@@ -179,14 +170,6 @@ def test_rejects_unknown_activation():
         ops.sparse_ffn(a["x"], a["w_in"], a["w_up"], a["w_out_t"], a["active"], None, "gelu", 0.0)
 
 
-def test_rejects_bad_out_buffer():
-    a = _bad({})
-    with pytest.raises(RuntimeError, match="out must be a contiguous CPU tensor matching x"):
-        ops.sparse_ffn_out(
-            a["x"], a["w_in"], a["w_up"], a["w_out_t"], a["active"], None, "relu", 0.0, torch.empty(2, 9)
-        )
-
-
 def test_rejects_unknown_isa(monkeypatch):
     monkeypatch.setenv("SPARSEINFER_CPU_ISA", "sse9")
     a = _bad({})
@@ -200,7 +183,6 @@ def test_opcheck(dtype, gated):
     x, w_in, w_up, w_out_t, active, row_mask = _case(3, 24, 30, dtype, gated=gated, masked=True)
     args = (x, w_in, w_up, w_out_t, active, row_mask, "relu", 0.0)
     torch.library.opcheck(torch.ops.sparseinfer.sparse_ffn.default, args)
-    torch.library.opcheck(torch.ops.sparseinfer.sparse_ffn_out.default, (*args, torch.empty_like(x)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -218,13 +200,12 @@ def test_cuda_matches_reference(dtype, activation, B, masked):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_non_gated_empty_active_and_out_variant():
+def test_cuda_non_gated_and_empty_active():
     x, w_in, _, w_out_t, active, row_mask = (
         a.cuda() if a is not None else None
         for a in _case(4, 257, 300, torch.bfloat16, gated=False, masked=True)
     )
-    out = torch.empty_like(x)
-    ops.sparse_ffn_out(x, w_in, None, w_out_t, active, row_mask, "relu2", 0.0, out)
+    out = ops.sparse_ffn(x, w_in, None, w_out_t, active, row_mask, "relu2", 0.0)
     want = reference.sparse_ffn(
         x.cpu(), w_in.cpu(), None, w_out_t.cpu(), active.cpu(), row_mask.cpu(), "relu2", 0.0
     )

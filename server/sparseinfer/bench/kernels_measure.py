@@ -9,8 +9,8 @@ Timed, interleaved in every repeat (a noisy neighbour slows all alike) and repor
 - ``dense``: the torch FFN, F.linear for gate/up/down (+ the activation), the baseline the issue names;
 - ``dense_rows``: the same dense FFN through ``ops.linear`` (our row kernels at memory bandwidth): a fairer
   baseline where torch's own CPU bf16 GEMV is slow (torch 2.13 without AVX-512 BF16: a few GB/s);
-- ``sparse``: predictor (two ``ops.linear``) + ``ops.select_active`` + ``ops.sparse_ffn_out``, the fast path;
-- ``kernel``: ``ops.sparse_ffn_out`` alone, for its bandwidth: bytes it must read (the rows of active neurons,
+- ``sparse``: predictor (two ``ops.linear``) + ``ops.select_active`` + ``ops.sparse_ffn``, the fast path;
+- ``kernel``: ``ops.sparse_ffn`` alone, for its bandwidth: bytes it must read (the rows of active neurons,
   W_up / W_outᵀ rows only where h can be nonzero, as the kernel skips the others) / time, against the
   machine's bandwidth measured in the same run (a multi-threaded sum over a buffer much larger than caches).
 - ``read_same_bytes``: torch summing a contiguous buffer of the kernel's byte count, the same-size yardstick.
@@ -209,7 +209,6 @@ def run_case(
     dtype = layer.w_in.dtype
     x = torch.randn(batch, d, generator=torch.Generator().manual_seed(seed)).to(dtype)  # (B, d)
     k = max(1, round((1.0 - sparsity) * m))
-    out = torch.empty_like(x)
 
     def predict() -> tuple[torch.Tensor, torch.Tensor]:
         scores = ops.linear(ops.linear(x, layer.p_v), layer.p_u)  # (B, m)
@@ -219,12 +218,10 @@ def run_case(
 
     def sparse() -> None:
         mask, uni = predict()
-        ops.sparse_ffn_out(x, layer.w_in, layer.w_up, layer.w_out_t, uni, mask, layer.activation, 0.0, out)
+        ops.sparse_ffn(x, layer.w_in, layer.w_up, layer.w_out_t, uni, mask, layer.activation, 0.0)
 
     def kernel() -> None:
-        ops.sparse_ffn_out(
-            x, layer.w_in, layer.w_up, layer.w_out_t, union, row_mask, layer.activation, 0.0, out
-        )
+        ops.sparse_ffn(x, layer.w_in, layer.w_up, layer.w_out_t, union, row_mask, layer.activation, 0.0)
 
     kb = kernel_bytes(layer, x, union, row_mask)
     # The same number of bytes read contiguously by torch (a sum, cold cache): what memory gives a read of
@@ -278,7 +275,6 @@ def crossover(
     m, d = layer.w_in.shape
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, d, generator=gen).to(layer.w_in.dtype)  # (B, d)
-    out = torch.empty_like(x)
     order = F.linear(F.linear(x, layer.p_v), layer.p_u).float().sum(0).argsort(descending=True)  # (m,)
     points = []
     for density in densities:
@@ -286,8 +282,8 @@ def crossover(
         union = order[:n].sort().values.to(torch.int32)  # (n,)
         fns = {
             "dense": lambda: dense_ffn(layer, x),
-            "kernel": lambda u=union: ops.sparse_ffn_out(
-                x, layer.w_in, layer.w_up, layer.w_out_t, u, None, layer.activation, 0.0, out
+            "kernel": lambda u=union: ops.sparse_ffn(
+                x, layer.w_in, layer.w_up, layer.w_out_t, u, None, layer.activation, 0.0
             ),
         }
         t = interleaved_medians(fns, repeats, flush, warmup=False)  # the cases warmed these up

@@ -1,0 +1,67 @@
+// Block-quantized weights with ggml's Q8_0 and Q4_0 layouts, byte for byte (so a GGUF file's
+// tensors and ours compare weight for weight), and the inner loops over them, one implementation
+// per instruction set (quant_kernels_*.cpp) behind plain function pointers. ATen-free for the same
+// reason as row_kernels.h.
+//
+// A row of d weights (d a multiple of 32) is d / 32 blocks of 32 consecutive weights:
+//   Q8_0 (34 bytes): fp16 d, then int8 q[32];                      w[i] = d * q[i]
+//   Q4_0 (18 bytes): fp16 d, then 16 bytes qs;  w[i] = d * ((qs[i] & 15) - 8),
+//                                               w[i + 16] = d * ((qs[i] >> 4) - 8)   (i < 16)
+// Quantization follows ggml's reference rules (quantize_row_q8_0_ref / quantize_row_q4_0_ref).
+//
+// Dot products take the activations quantized to Q8_0 too, as ggml does (the int8 x int8 products
+// are exact; the float work is one multiply-add per block): `QuantizedRows` holds them with float
+// scales. An axpy dequantizes a weight block and adds coef * w into an fp32 buffer.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace sparseinfer {
+namespace cpu {
+
+enum class QuantFormat : int { kQ8_0 = 0, kQ4_0 = 1 };
+
+constexpr int kQK = 32;  // weights per block
+constexpr int64_t block_bytes(QuantFormat f) { return f == QuantFormat::kQ8_0 ? 34 : 18; }
+
+float fp16_to_float(uint16_t h);
+uint16_t float_to_fp16(float f);  // round to nearest even, as numpy and F16C do
+
+// One row of d floats -> d / 32 blocks (ggml's reference quantizers), and back.
+void quantize_row(QuantFormat f, const float* x, int64_t d, uint8_t* out);
+void dequantize_row(QuantFormat f, const uint8_t* q, int64_t d, float* out);
+
+// Activations of B rows quantized to Q8_0, kept as int8 values and one float scale per block.
+struct QuantizedRows {
+  int64_t rows = 0, nblk = 0;
+  std::vector<int8_t> q;                                   // (rows, nblk * 32)
+  std::vector<float> scale;                                // (rows, nblk)
+  void quantize(const float* x, int64_t rows, int64_t d);  // x (rows, d), d % 32 == 0
+  const int8_t* q_of(int64_t r) const { return q.data() + r * nblk * kQK; }
+  const float* scale_of(int64_t r) const { return scale.data() + r * nblk; }
+};
+
+constexpr int kMaxQDotRows = 4;
+
+struct QuantKernels {
+  // out[r] = sum over the nblk blocks of (d_w * xs[r]) * (w block . xq[r] block), r < nrows
+  // (nrows <= kMaxQDotRows). The weight row is decoded once for all rows; blocks are summed in an
+  // order that depends only on nblk, so a row's result never depends on its batch mates. `next`:
+  // the weight row read after this one (or nullptr), prefetched meanwhile.
+  void (*dots)(const uint8_t* w, const uint8_t* next, const int8_t* const* xq,
+               const float* const* xs, int nrows, int64_t nblk, float* out);
+  // buf[rows[k] * ldb + c] += sum_i coefs[i][rows[k]] * w_i[c] for the nblk blocks of each weight
+  // pointer ws[i] (c < nblk * 32), k < nrows, i < nw (nw <= 4): each term a fused multiply-add in
+  // ascending i. `nexts`: rows read after these (prefetched), or nullptr.
+  void (*axpys)(const uint8_t* const* ws, int nw, const uint8_t* const* nexts,
+                const float* const* coefs, const int32_t* rows, int nrows, float* buf, int64_t ldb,
+                int64_t nblk);
+};
+
+QuantKernels scalar_quant_kernels(QuantFormat f);
+QuantKernels avx2_quant_kernels(QuantFormat f);
+QuantKernels avx512_quant_kernels(QuantFormat f);  // AVX-512 VNNI int8 dot products (vpdpbusd)
+
+}  // namespace cpu
+}  // namespace sparseinfer

@@ -1,0 +1,115 @@
+#include "weights.h"
+
+#include <string>
+
+namespace sparseinfer {
+namespace cpu {
+
+std::optional<QuantFormat> parse_weight_format(std::string_view name, const char* op) {
+  if (name == "none") return std::nullopt;
+  if (name == "q8_0") return QuantFormat::kQ8_0;
+  if (name == "q4_0") return QuantFormat::kQ4_0;
+  TORCH_CHECK(false, op, ": weight_format must be none, q8_0 or q4_0; got '", std::string(name),
+              "'");
+}
+
+WeightType weight_type_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return WeightType::kF32;
+    case at::kBFloat16:
+      return WeightType::kBF16;
+    case at::kHalf:
+      return WeightType::kF16;
+    default:
+      TORCH_CHECK(false, "x must be float32, bfloat16 or float16, got ", t);
+  }
+}
+
+const char* WeightMatrix::segment(const char* r, int64_t c0) const {
+  if (!format.has_value()) return r + c0 * (row_bytes / std::max<int64_t>(cols, 1));
+  return r + c0 / kQK * block_bytes(*format);
+}
+
+WeightMatrix weight_matrix(const at::Tensor& w, std::optional<QuantFormat> format, int64_t rows,
+                           int64_t cols, at::ScalarType x_type, const char* op, const char* name) {
+  TORCH_CHECK(w.device().is_cpu(), op, ": ", name, " must be on the CPU");
+  // Weights are never copied behind the caller's back: a hidden copy would cost more than the op.
+  TORCH_CHECK(w.is_contiguous(), op, ": ", name, " must be contiguous");
+  WeightMatrix m;
+  m.data = static_cast<const char*>(w.const_data_ptr());
+  m.rows = rows;
+  m.cols = cols;
+  m.format = format;
+  if (format.has_value()) {
+    TORCH_CHECK(cols % kQK == 0, op,
+                ": quantized weights need rows of a multiple of 32 values, got ", cols);
+    m.row_bytes = cols / kQK * block_bytes(*format);
+    TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.size(0) == rows &&
+                    w.size(1) == m.row_bytes,
+                op, ": ", name, " must be uint8 of shape (", rows, ", ", m.row_bytes, ") for ",
+                *format == QuantFormat::kQ8_0 ? "q8_0" : "q4_0", " rows of ", cols, " values, got ",
+                w.scalar_type(), " ", w.sizes());
+  } else {
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, op, ": ", name,
+                " must have shape (", rows, ", ", cols, "), got ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == x_type, op, ": ", name, " dtype ", w.scalar_type(),
+                " differs from x dtype ", x_type);
+    m.row_bytes = cols * static_cast<int64_t>(w.element_size());
+  }
+  return m;
+}
+
+Activations::Activations(const at::Tensor& x, std::optional<QuantFormat> format)
+    : d_(x.size(1)), format_(format), x32_(x.to(at::kFloat).contiguous()) {
+  if (format_.has_value()) {
+    qk_ = choose_quant_kernels(*format_);
+    xq_.quantize(x32_.const_data_ptr<float>(), x32_.size(0), d_);
+  } else {
+    rk_ = choose_row_kernels(weight_type_of(x.scalar_type()));
+  }
+}
+
+void Activations::dots(const char* w_row, const char* next, const int32_t* rows, int count,
+                       float* res) const {
+  const auto* w = reinterpret_cast<const uint8_t*>(w_row);
+  if (format_.has_value()) {
+    const int8_t* xq[kMaxQDotRows];
+    const float* xs[kMaxQDotRows];
+    for (int r0 = 0; r0 < count; r0 += kMaxQDotRows) {
+      const int nr = std::min(kMaxQDotRows, count - r0);
+      for (int r = 0; r < nr; ++r) {
+        xq[r] = xq_.q_of(rows[r0 + r]);
+        xs[r] = xq_.scale_of(rows[r0 + r]);
+      }
+      const bool last = r0 + nr >= count;
+      qk_.dots(w, last ? reinterpret_cast<const uint8_t*>(next) : nullptr, xq, xs, nr, xq_.nblk,
+               res + r0);
+    }
+    return;
+  }
+  const float* xp = x32_.const_data_ptr<float>();
+  const float* xs[kMaxDotRows];
+  for (int r0 = 0; r0 < count; r0 += kMaxDotRows) {
+    const int nr = std::min(kMaxDotRows, count - r0);
+    for (int r = 0; r < nr; ++r) xs[r] = xp + rows[r0 + r] * d_;
+    const bool last = r0 + nr >= count;
+    rk_.dots(w_row, last ? next : nullptr, xs, nr, d_, res + r0);
+  }
+}
+
+void Activations::axpys(const char* const* ws, int nw, const char* const* nexts,
+                        const float* const* coefs, const int32_t* rows, int nrows, float* buf,
+                        int64_t ldb, int64_t len) const {
+  if (format_.has_value()) {
+    qk_.axpys(reinterpret_cast<const uint8_t* const*>(ws), nw,
+              reinterpret_cast<const uint8_t* const*>(nexts), coefs, rows, nrows, buf, ldb,
+              len / kQK);
+  } else {
+    rk_.axpys(reinterpret_cast<const void* const*>(ws), nw,
+              reinterpret_cast<const void* const*>(nexts), coefs, rows, nrows, buf, ldb, len);
+  }
+}
+
+}  // namespace cpu
+}  // namespace sparseinfer
