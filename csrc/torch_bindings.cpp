@@ -30,5 +30,8 @@ TORCH_LIBRARY(sparseinfer, m) {
   // (34-byte blocks) or Q4_0 (18-byte blocks) layout and reference rounding. dequantize: back to
   // fp32.
   m.def("quantize(Tensor w, str format) -> Tensor");
+  // Reads every byte of buf once on all threads, returning a checksum: timed, the machine's read
+  // bandwidth (the yardstick of the benchmarks).
+  m.def("read_bytes(Tensor buf) -> int");
   m.def("dequantize(Tensor q, str format) -> Tensor");
 }

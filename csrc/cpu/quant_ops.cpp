@@ -6,20 +6,22 @@
 #include <torch/library.h>
 
 #include <string_view>
+#include <vector>
 
 #include "weights.h"
 
 namespace sparseinfer {
 namespace {
 
-cpu::QuantFormat format_of(c10::string_view name, const char* op) {
+cpu::WeightFormat format_of(c10::string_view name, const char* op) {
   const auto f = cpu::parse_weight_format(std::string_view(name.data(), name.size()), op);
-  TORCH_CHECK(f.has_value(), op, ": format must be q8_0 or q4_0");
+  TORCH_CHECK(f.has_value(), op, ": format must be q8_0, q4_0, q8_0_i8 or q4_0_i8");
   return *f;
 }
 
 at::Tensor quantize_cpu(const at::Tensor& w, c10::string_view format) {
-  const cpu::QuantFormat f = format_of(format, "quantize");
+  const cpu::WeightFormat wf = format_of(format, "quantize");
+  const cpu::QuantFormat f = wf.format;
   TORCH_CHECK(w.device().is_cpu(), "quantize: w must be on the CPU");
   TORCH_CHECK(w.dim() == 2 && w.size(1) % cpu::kQK == 0,
               "quantize: w must be 2-D with rows of a multiple of 32 values, got ", w.sizes());
@@ -31,14 +33,19 @@ at::Tensor quantize_cpu(const at::Tensor& w, c10::string_view format) {
   cpu::parallel_chunks(rows, /*chunk=*/64, [&](int64_t begin, int64_t end) {
     const at::Tensor part = w.slice(0, begin, end).to(at::kFloat).contiguous();  // (end - begin, d)
     const float* p = part.const_data_ptr<float>();
-    for (int64_t r = begin; r < end; ++r)
-      cpu::quantize_row(f, p + (r - begin) * d, d, op + r * row_bytes);
+    std::vector<uint8_t> plain(static_cast<size_t>(row_bytes));
+    for (int64_t r = begin; r < end; ++r) {
+      uint8_t* dst = wf.interleaved ? plain.data() : op + r * row_bytes;
+      cpu::quantize_row(f, p + (r - begin) * d, d, dst);
+      if (wf.interleaved) cpu::interleave_row(f, plain.data(), d / cpu::kQK, op + r * row_bytes);
+    }
   });
   return out;
 }
 
 at::Tensor dequantize_cpu(const at::Tensor& q, c10::string_view format) {
-  const cpu::QuantFormat f = format_of(format, "dequantize");
+  const cpu::WeightFormat wf = format_of(format, "dequantize");
+  const cpu::QuantFormat f = wf.format;
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kByte && q.dim() == 2 &&
                   q.size(1) % cpu::block_bytes(f) == 0,
               "dequantize: q must be uint8 (rows, blocks * ", cpu::block_bytes(f),
@@ -50,7 +57,15 @@ at::Tensor dequantize_cpu(const at::Tensor& q, c10::string_view format) {
   const uint8_t* qp = qc.const_data_ptr<uint8_t>();
   float* op = out.mutable_data_ptr<float>();
   cpu::parallel_chunks(rows, /*chunk=*/64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) cpu::dequantize_row(f, qp + r * row_bytes, d, op + r * d);
+    std::vector<uint8_t> plain(static_cast<size_t>(row_bytes));
+    for (int64_t r = begin; r < end; ++r) {
+      const uint8_t* row = qp + r * row_bytes;
+      if (wf.interleaved) {
+        cpu::deinterleave_row(f, row, d / cpu::kQK, plain.data());
+        row = plain.data();
+      }
+      cpu::dequantize_row(f, row, d, op + r * d);
+    }
   });
   return out;
 }

@@ -106,24 +106,73 @@ void dequantize_row(QuantFormat f, const uint8_t* q, int64_t d, float* out) {
   }
 }
 
-void QuantizedRows::quantize(const float* x, int64_t nrows, int64_t d) {
+namespace {
+
+// Where byte i of the quants of block j of a run lands in the interleaved run (after its 16-byte
+// scale header): chunk i / 4, block j's 4 bytes of it.
+inline int64_t interleaved_offset(int64_t j, int64_t i) { return 32 * (i / 4) + 4 * j + (i % 4); }
+
+}  // namespace
+
+void interleave_row(QuantFormat f, const uint8_t* plain, int64_t nblk, uint8_t* out) {
+  const int64_t bb = block_bytes(f), qbytes = bb - 2, runs = nblk / kGroup;
+  for (int64_t g = 0; g < runs; ++g) {
+    const uint8_t* src = plain + g * kGroup * bb;
+    uint8_t* dst = out + g * kGroup * bb;
+    for (int64_t j = 0; j < kGroup; ++j) {
+      std::memcpy(dst + 2 * j, src + j * bb, 2);
+      for (int64_t i = 0; i < qbytes; ++i) dst[16 + interleaved_offset(j, i)] = src[j * bb + 2 + i];
+    }
+  }
+  std::memcpy(out + runs * kGroup * bb, plain + runs * kGroup * bb, (nblk - runs * kGroup) * bb);
+}
+
+void deinterleave_row(QuantFormat f, const uint8_t* in, int64_t nblk, uint8_t* plain) {
+  const int64_t bb = block_bytes(f), qbytes = bb - 2, runs = nblk / kGroup;
+  for (int64_t g = 0; g < runs; ++g) {
+    const uint8_t* src = in + g * kGroup * bb;
+    uint8_t* dst = plain + g * kGroup * bb;
+    for (int64_t j = 0; j < kGroup; ++j) {
+      std::memcpy(dst + j * bb, src + 2 * j, 2);
+      for (int64_t i = 0; i < qbytes; ++i) dst[j * bb + 2 + i] = src[16 + interleaved_offset(j, i)];
+    }
+  }
+  std::memcpy(plain + runs * kGroup * bb, in + runs * kGroup * bb, (nblk - runs * kGroup) * bb);
+}
+
+void quantize_activations_scalar(const float* x, int64_t nblk, bool interleaved, int8_t* q,
+                                 float* scale, int32_t* sum) {
+  const int64_t runs = interleaved ? nblk / kGroup : 0;
+  for (int64_t b = 0; b < nblk; ++b) {
+    const float* v = x + b * kQK;
+    float amax = 0.f;
+    for (int i = 0; i < kQK; ++i) amax = std::max(amax, std::fabs(v[i]));
+    const float step = amax / 127.f;
+    const float inv = step != 0.f ? 1.f / step : 0.f;
+    int32_t total = 0;
+    for (int i = 0; i < kQK; ++i) {
+      const auto value = static_cast<int8_t>(std::nearbyint(v[i] * inv));  // ties to even
+      total += value;
+      const int64_t at = b < runs * kGroup
+                             ? (b / kGroup) * kGroup * kQK + interleaved_offset(b % kGroup, i)
+                             : b * kQK + i;
+      q[at] = value;
+    }
+    scale[b] = fp16_to_float(float_to_fp16(step));
+    sum[b] = total;
+  }
+}
+
+void QuantizedRows::quantize(const float* x, int64_t nrows, int64_t d, bool interleaved,
+                             QuantizeRowFn fn) {
   rows = nrows;
   nblk = d / kQK;
   q.resize(static_cast<size_t>(rows * nblk * kQK));
   scale.resize(static_cast<size_t>(rows * nblk));
+  sum.resize(static_cast<size_t>(rows * nblk));
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t b = 0; b < nblk; ++b) {
-      const float* v = x + r * d + b * kQK;
-      float amax = 0.f;
-      for (int i = 0; i < kQK; ++i) amax = std::max(amax, std::fabs(v[i]));
-      // As ggml's quantize_row_q8_0 does: q = round(x / (amax / 127)), the scale kept as fp16.
-      const float d = amax / 127.f;
-      const float inv = d != 0.f ? 1.f / d : 0.f;
-      const float s = fp16_to_float(float_to_fp16(d));
-      int8_t* o = q.data() + (r * nblk + b) * kQK;
-      for (int i = 0; i < kQK; ++i) o[i] = static_cast<int8_t>(std::roundf(v[i] * inv));
-      scale[r * nblk + b] = s;
-    }
+    fn(x + r * d, nblk, interleaved, q.data() + r * nblk * kQK, scale.data() + r * nblk,
+       sum.data() + r * nblk);
   }
 }
 
@@ -168,6 +217,51 @@ void dots(const uint8_t* w, const uint8_t*, const int8_t* const* xq, const float
   for (int r = 0; r < nrows; ++r) out[r] = acc[r][0] + acc[r][1];
 }
 
+// The interleaved layout, value by value (the portable reference of quant_simd.h's kernel).
+template <QuantFormat F>
+void dots_i8(const uint8_t* w, const uint8_t* next, const int8_t* const* xq, const float* const* xs,
+             const int32_t* const*, int nrows, int64_t nblk, float* out) {
+  constexpr int64_t bb = block_bytes(F);
+  const int64_t runs = nblk / kGroup;
+  float acc[kMaxQDotRows] = {};
+  for (int64_t g = 0; g < runs; ++g) {
+    const uint8_t* run = w + g * kGroup * bb;
+    for (int64_t j = 0; j < kGroup; ++j) {
+      uint16_t h;
+      std::memcpy(&h, run + 2 * j, 2);
+      const float dw = fp16_to_float(h);
+      for (int r = 0; r < nrows; ++r) {
+        const int8_t* xr = xq[r] + g * kGroup * kQK;
+        int32_t s = 0;
+        for (int i = 0; i < kQK; ++i) {
+          int wv;
+          if constexpr (F == QuantFormat::kQ8_0) {
+            wv = static_cast<int8_t>(run[16 + interleaved_offset(j, i)]);
+          } else {
+            const uint8_t byte = run[16 + interleaved_offset(j, i % 16)];
+            wv = (i < 16 ? byte & 15 : byte >> 4) - 8;
+          }
+          s += wv * xr[interleaved_offset(j, i)];
+        }
+        acc[r] = __builtin_fmaf(dw * xs[r][g * kGroup + j], static_cast<float>(s), acc[r]);
+      }
+    }
+  }
+  if (runs * kGroup < nblk) {  // the plain tail
+    const int64_t done = runs * kGroup;
+    const int8_t* xt[kMaxQDotRows];
+    const float* st[kMaxQDotRows];
+    for (int r = 0; r < nrows; ++r) {
+      xt[r] = xq[r] + done * kQK;
+      st[r] = xs[r] + done;
+    }
+    float tail[kMaxQDotRows];
+    dots<F>(w + done * bb, next, xt, st, nrows, nblk - done, tail);
+    for (int r = 0; r < nrows; ++r) acc[r] += tail[r];
+  }
+  for (int r = 0; r < nrows; ++r) out[r] = acc[r];
+}
+
 template <QuantFormat F>
 void axpys(const uint8_t* const* ws, int nw, const uint8_t* const*, const float* const* coefs,
            const int32_t* rows, int nrows, float* buf, int64_t ldb, int64_t nblk) {
@@ -193,8 +287,10 @@ void axpys(const uint8_t* const* ws, int nw, const uint8_t* const*, const float*
 
 QuantKernels scalar_quant_kernels(QuantFormat f) {
   if (f == QuantFormat::kQ8_0)
-    return QuantKernels{&dots<QuantFormat::kQ8_0>, &axpys<QuantFormat::kQ8_0>};
-  return QuantKernels{&dots<QuantFormat::kQ4_0>, &axpys<QuantFormat::kQ4_0>};
+    return QuantKernels{&dots<QuantFormat::kQ8_0>, &dots_i8<QuantFormat::kQ8_0>,
+                        &axpys<QuantFormat::kQ8_0>, &quantize_activations_scalar};
+  return QuantKernels{&dots<QuantFormat::kQ4_0>, &dots_i8<QuantFormat::kQ4_0>,
+                      &axpys<QuantFormat::kQ4_0>, &quantize_activations_scalar};
 }
 
 }  // namespace cpu

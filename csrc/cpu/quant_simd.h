@@ -89,6 +89,105 @@ void qdots(const uint8_t* w, const uint8_t* next, const int8_t* const* xq, const
   }
 }
 
+// The interleaved layout (quant.h): per run of 8 blocks, lane j of each int32 vector collects block
+// j's products, so the run's 8 block sums come out of one register and meet their 8 scales
+// (converted at once) in one multiply-add. Q4_0 multiplies its unsigned nibbles (q + 8) and
+// subtracts 8 * sum(x). Every row has its own accumulators and the same order, so its result does
+// not depend on its batch mates; the plain tail blocks go through qdots_n, added last.
+template <class P, QuantFormat F, int kRows>
+void qdots_i8_n(const uint8_t* w, const uint8_t* next, const int8_t* const* xq,
+                const float* const* xs, const int32_t* const* xsum, int64_t nblk, float* out) {
+  constexpr int64_t bb = block_bytes(F);
+  constexpr int64_t run_bytes = kGroup * bb;
+  const int64_t runs = nblk / kGroup;
+  __m256 acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < runs; ++g) {
+    const uint8_t* run = w + g * run_bytes;
+    if (next != nullptr) {
+      for (int64_t off = 0; off < run_bytes; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(next + g * run_bytes + off), _MM_HINT_T2);
+    }
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(run)));
+    __m256i isum[kRows];
+    for (int r = 0; r < kRows; ++r) isum[r] = _mm256_setzero_si256();
+    if constexpr (F == QuantFormat::kQ4_0) {
+      const __m256i m = _mm256_set1_epi8(15);
+      // int16 lanes hold nibble * x pair sums (|.| <= 2 * 15 * 127 = 3810): the 8 of a run add up
+      // to
+      // at most 30480, so they are summed in int16 and widened once per run.
+      __m256i p16[kRows];
+      for (int r = 0; r < kRows; ++r) p16[r] = _mm256_setzero_si256();
+      for (int c = 0; c < 4; ++c) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(run + 16 + 32 * c));
+        const __m256i lo = _mm256_and_si256(wv, m),
+                      hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m);
+        for (int r = 0; r < kRows; ++r) {
+          const int8_t* xr = xq[r] + g * kGroup * kQK;
+          const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * c));
+          const __m256i xh =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * (c + 4)));
+          p16[r] = _mm256_add_epi16(
+              p16[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)));
+        }
+      }
+      for (int r = 0; r < kRows; ++r) {
+        const __m256i sx =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xsum[r] + g * kGroup));
+        isum[r] = _mm256_sub_epi32(_mm256_madd_epi16(p16[r], ones), _mm256_slli_epi32(sx, 3));
+      }
+    } else {
+      for (int c = 0; c < 8; ++c) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(run + 16 + 32 * c));
+        const __m256i aw = _mm256_sign_epi8(wv, wv);
+        for (int r = 0; r < kRows; ++r) {
+          const int8_t* xr = xq[r] + g * kGroup * kQK;
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * c));
+          isum[r] = _mm256_add_epi32(isum[r], P::dot_u8s8(aw, _mm256_sign_epi8(xv, wv)));
+        }
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const __m256 scale = _mm256_mul_ps(dw, _mm256_loadu_ps(xs[r] + g * kGroup));
+      acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum[r]), acc[r]);
+    }
+  }
+  float tail[kRows] = {};
+  const int64_t done = runs * kGroup;
+  if (done < nblk) {
+    const int8_t* xt[kRows];
+    const float* st[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      xt[r] = xq[r] + done * kQK;
+      st[r] = xs[r] + done;
+    }
+    qdots_n<P, F, kRows>(w + done * bb, next, xt, st, nblk - done, tail);
+  }
+  for (int r = 0; r < kRows; ++r) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    out[r] = _mm_cvtss_f32(s) + tail[r];
+  }
+}
+
+template <class P, QuantFormat F>
+void qdots_i8(const uint8_t* w, const uint8_t* next, const int8_t* const* xq,
+              const float* const* xs, const int32_t* const* xsum, int nrows, int64_t nblk,
+              float* out) {
+  switch (nrows) {
+    case 1:
+      return qdots_i8_n<P, F, 1>(w, next, xq, xs, xsum, nblk, out);
+    case 2:
+      return qdots_i8_n<P, F, 2>(w, next, xq, xs, xsum, nblk, out);
+    case 3:
+      return qdots_i8_n<P, F, 3>(w, next, xq, xs, xsum, nblk, out);
+    default:
+      return qdots_i8_n<P, F, 4>(w, next, xq, xs, xsum, nblk, out);
+  }
+}
+
 // dst[0..32) += a * q (the block's 32 signed values), as four 8-lane fused multiply-adds.
 inline void axpy_block(__m256i q, __m256 a, float* dst) {
   const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
@@ -133,11 +232,57 @@ void qaxpys(const uint8_t* const* ws, int nw, const uint8_t* const* nexts,
   }
 }
 
+// Activations to Q8_0 (QuantizeRowFn): per block, |x|max over four 8-lane loads, one multiply and a
+// round to nearest even (vcvtps2dq) per lane, then packed to 32 int8 in order (the packs interleave
+// 128-bit lanes; the permute restores them), as ggml's AVX2 quantize_row_q8_0 does.
+inline void quantize_x(const float* x, int64_t nblk, bool interleaved, int8_t* q, float* scale,
+                       int32_t* sum) {
+  const int64_t runs = interleaved ? nblk / kGroup : 0;
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < nblk; ++b) {
+    const float* v = x + b * kQK;
+    __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
+           v3 = _mm256_loadu_ps(v + 24);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                             _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float step = _mm_cvtss_f32(h) / 127.f;
+    const __m256 inv = _mm256_set1_ps(step != 0.f ? 1.f / step : 0.f);
+    const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv));
+    const __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
+    const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv));
+    const __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
+    const __m256i s = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_hadd_epi32(s4, s4);
+    s4 = _mm_hadd_epi32(s4, s4);
+    sum[b] = _mm_cvtsi128_si32(s4);
+    scale[b] = _cvtsh_ss(_cvtss_sh(step, _MM_FROUND_TO_NEAREST_INT));
+    const __m256i packed = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3)), order);
+    if (b >= runs * kGroup) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kQK), packed);
+      continue;
+    }
+    // Interleaved: int32 lane c holds values [4c, 4c + 4): it goes to chunk c, block slot b % 8.
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), packed);
+    int8_t* run = q + (b / kGroup) * kGroup * kQK + 4 * (b % kGroup);
+    for (int c = 0; c < 8; ++c) std::memcpy(run + 32 * c, &lanes[c], 4);
+  }
+}
+
 template <class P>
 QuantKernels simd_quant_kernels(QuantFormat f) {
-  if (f == QuantFormat::kQ8_0)
-    return QuantKernels{&qdots<P, QuantFormat::kQ8_0>, &qaxpys<QuantFormat::kQ8_0>};
-  return QuantKernels{&qdots<P, QuantFormat::kQ4_0>, &qaxpys<QuantFormat::kQ4_0>};
+  if (f == QuantFormat::kQ8_0) {
+    return QuantKernels{&qdots<P, QuantFormat::kQ8_0>, &qdots_i8<P, QuantFormat::kQ8_0>,
+                        &qaxpys<QuantFormat::kQ8_0>, &quantize_x};
+  }
+  return QuantKernels{&qdots<P, QuantFormat::kQ4_0>, &qdots_i8<P, QuantFormat::kQ4_0>,
+                      &qaxpys<QuantFormat::kQ4_0>, &quantize_x};
 }
 
 }  // namespace

@@ -80,8 +80,11 @@ at::Tensor sparse_ffn_cpu(const at::Tensor& x, const at::Tensor& w_in_t,
       w_up_t.has_value() ? std::optional<cpu::WeightMatrix>(cpu::weight_matrix(
                                *w_up_t, format, m, d, x.scalar_type(), kOp, "w_up"))
                          : std::nullopt;
+  // W_outᵀ rows are summed block by block (an axpy), so they stay plain whatever w_in's layout.
+  const auto out_format =
+      format.has_value() ? std::optional<cpu::WeightFormat>(format->plain()) : std::nullopt;
   const cpu::WeightMatrix w_out =
-      cpu::weight_matrix(w_out_tt, format, m, d, x.scalar_type(), kOp, "w_out_t");
+      cpu::weight_matrix(w_out_tt, out_format, m, d, x.scalar_type(), kOp, "w_out_t");
   TORCH_CHECK(active.device().is_cpu(), "sparse_ffn: active must be on the CPU");
   TORCH_CHECK(active.dim() == 1 && active.scalar_type() == at::kInt,
               "sparse_ffn: active must be a 1-D int32 tensor, got ", active.scalar_type(), " ",

@@ -5,12 +5,14 @@
 namespace sparseinfer {
 namespace cpu {
 
-std::optional<QuantFormat> parse_weight_format(std::string_view name, const char* op) {
+std::optional<WeightFormat> parse_weight_format(std::string_view name, const char* op) {
   if (name == "none") return std::nullopt;
-  if (name == "q8_0") return QuantFormat::kQ8_0;
-  if (name == "q4_0") return QuantFormat::kQ4_0;
-  TORCH_CHECK(false, op, ": weight_format must be none, q8_0 or q4_0; got '", std::string(name),
-              "'");
+  if (name == "q8_0") return WeightFormat{QuantFormat::kQ8_0, false};
+  if (name == "q4_0") return WeightFormat{QuantFormat::kQ4_0, false};
+  if (name == "q8_0_i8") return WeightFormat{QuantFormat::kQ8_0, true};
+  if (name == "q4_0_i8") return WeightFormat{QuantFormat::kQ4_0, true};
+  TORCH_CHECK(false, op, ": weight_format must be none, q8_0, q4_0, q8_0_i8 or q4_0_i8; got '",
+              std::string(name), "'");
 }
 
 WeightType weight_type_of(at::ScalarType t) {
@@ -28,10 +30,11 @@ WeightType weight_type_of(at::ScalarType t) {
 
 const char* WeightMatrix::segment(const char* r, int64_t c0) const {
   if (!format.has_value()) return r + c0 * (row_bytes / std::max<int64_t>(cols, 1));
-  return r + c0 / kQK * block_bytes(*format);
+  TORCH_CHECK(!format->interleaved, "an interleaved row has no segments of whole blocks");
+  return r + c0 / kQK * block_bytes(format->format);
 }
 
-WeightMatrix weight_matrix(const at::Tensor& w, std::optional<QuantFormat> format, int64_t rows,
+WeightMatrix weight_matrix(const at::Tensor& w, std::optional<WeightFormat> format, int64_t rows,
                            int64_t cols, at::ScalarType x_type, const char* op, const char* name) {
   TORCH_CHECK(w.device().is_cpu(), op, ": ", name, " must be on the CPU");
   // Weights are never copied behind the caller's back: a hidden copy would cost more than the op.
@@ -44,12 +47,12 @@ WeightMatrix weight_matrix(const at::Tensor& w, std::optional<QuantFormat> forma
   if (format.has_value()) {
     TORCH_CHECK(cols % kQK == 0, op,
                 ": quantized weights need rows of a multiple of 32 values, got ", cols);
-    m.row_bytes = cols / kQK * block_bytes(*format);
+    m.row_bytes = cols / kQK * block_bytes(format->format);
     TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.size(0) == rows &&
                     w.size(1) == m.row_bytes,
                 op, ": ", name, " must be uint8 of shape (", rows, ", ", m.row_bytes, ") for ",
-                *format == QuantFormat::kQ8_0 ? "q8_0" : "q4_0", " rows of ", cols, " values, got ",
-                w.scalar_type(), " ", w.sizes());
+                format->format == QuantFormat::kQ8_0 ? "q8_0" : "q4_0", " rows of ", cols,
+                " values, got ", w.scalar_type(), " ", w.sizes());
   } else {
     TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, op, ": ", name,
                 " must have shape (", rows, ", ", cols, "), got ", w.sizes());
@@ -60,11 +63,12 @@ WeightMatrix weight_matrix(const at::Tensor& w, std::optional<QuantFormat> forma
   return m;
 }
 
-Activations::Activations(const at::Tensor& x, std::optional<QuantFormat> format)
+Activations::Activations(const at::Tensor& x, std::optional<WeightFormat> format)
     : d_(x.size(1)), format_(format), x32_(x.to(at::kFloat).contiguous()) {
   if (format_.has_value()) {
-    qk_ = choose_quant_kernels(*format_);
-    xq_.quantize(x32_.const_data_ptr<float>(), x32_.size(0), d_);
+    qk_ = choose_quant_kernels(format_->format);
+    xq_.quantize(x32_.const_data_ptr<float>(), x32_.size(0), d_, format_->interleaved,
+                 qk_.quantize_x);
   } else {
     rk_ = choose_row_kernels(weight_type_of(x.scalar_type()));
   }
@@ -76,15 +80,20 @@ void Activations::dots(const char* w_row, const char* next, const int32_t* rows,
   if (format_.has_value()) {
     const int8_t* xq[kMaxQDotRows];
     const float* xs[kMaxQDotRows];
+    const int32_t* xsum[kMaxQDotRows];
     for (int r0 = 0; r0 < count; r0 += kMaxQDotRows) {
       const int nr = std::min(kMaxQDotRows, count - r0);
       for (int r = 0; r < nr; ++r) {
         xq[r] = xq_.q_of(rows[r0 + r]);
         xs[r] = xq_.scale_of(rows[r0 + r]);
+        xsum[r] = xq_.sum_of(rows[r0 + r]);
       }
-      const bool last = r0 + nr >= count;
-      qk_.dots(w, last ? reinterpret_cast<const uint8_t*>(next) : nullptr, xq, xs, nr, xq_.nblk,
-               res + r0);
+      const auto* nx = r0 + nr >= count ? reinterpret_cast<const uint8_t*>(next) : nullptr;
+      if (format_->interleaved) {
+        qk_.dots_i8(w, nx, xq, xs, xsum, nr, xq_.nblk, res + r0);
+      } else {
+        qk_.dots(w, nx, xq, xs, nr, xq_.nblk, res + r0);
+      }
     }
     return;
   }

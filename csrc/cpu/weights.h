@@ -17,8 +17,15 @@
 namespace sparseinfer {
 namespace cpu {
 
-// "none" (the weights are in x's dtype), "q8_0" or "q4_0".
-std::optional<QuantFormat> parse_weight_format(std::string_view name, const char* op);
+// A quantized format and layout: plain ggml rows, or interleaved for dot products ("_i8", quant.h).
+struct WeightFormat {
+  QuantFormat format;
+  bool interleaved = false;
+  WeightFormat plain() const { return WeightFormat{format, false}; }
+};
+
+// "none" (the weights are in x's dtype), "q8_0", "q4_0", "q8_0_i8" or "q4_0_i8".
+std::optional<WeightFormat> parse_weight_format(std::string_view name, const char* op);
 WeightType weight_type_of(at::ScalarType type);  // x's dtype -> the row kernels' weight type
 
 // A (rows, cols) weight matrix, checked: dense, contiguous, in `x_type`; or uint8 (rows, cols / 32
@@ -26,19 +33,20 @@ WeightType weight_type_of(at::ScalarType type);  // x's dtype -> the row kernels
 struct WeightMatrix {
   const char* data = nullptr;
   int64_t rows = 0, cols = 0, row_bytes = 0;
-  std::optional<QuantFormat> format;
+  std::optional<WeightFormat> format;
   const char* row(int64_t i) const { return data + i * row_bytes; }
   // The part of a row from column c0 on (c0 % 32 == 0 when quantized).
   const char* segment(const char* row, int64_t c0) const;
 };
-WeightMatrix weight_matrix(const at::Tensor& w, std::optional<QuantFormat> format, int64_t rows,
+WeightMatrix weight_matrix(const at::Tensor& w, std::optional<WeightFormat> format, int64_t rows,
                            int64_t cols, at::ScalarType x_type, const char* op, const char* name);
 
 // The activations x (B, d) prepared for one op's dot products with `format` weights: fp32, and, for
 // quantized weights, quantized to Q8_0 once for all the op's rows.
 class Activations {
  public:
-  Activations(const at::Tensor& x, std::optional<QuantFormat> format);
+  // `format`: the weights the dot products meet (an interleaved format quantizes x interleaved).
+  Activations(const at::Tensor& x, std::optional<WeightFormat> format);
   // res[k] = w_row . x[rows[k]] for k < count.
   void dots(const char* w_row, const char* next, const int32_t* rows, int count, float* res) const;
   // buf[rows[k] * ldb + c] += sum_i coefs[i][rows[k]] * ws[i][c], c < len, over nw <= 4 row
@@ -49,7 +57,7 @@ class Activations {
 
  private:
   int64_t d_;
-  std::optional<QuantFormat> format_;
+  std::optional<WeightFormat> format_;
   at::Tensor x32_;
   RowKernels rk_{};
   QuantKernels qk_{};

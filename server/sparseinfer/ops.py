@@ -47,7 +47,8 @@ def sparse_ffn(
     """FFN over only the neurons in ``active`` (int32 ascending): ``down_proj(h ⊙ mask)`` (B, d), x's dtype.
 
     x (B, d); w_in / w_up / w_out_t (m, d) contiguous (w_up None: non-gated; w_out_t = down_proj.weight.T)
-    in x's dtype, or, with ``weight_format`` q8_0 / q4_0, uint8 rows of ggml blocks (``quantize``);
+    in x's dtype, or, with a quantized ``weight_format``, uint8 rows of ggml blocks (``quantize``): w_in and
+    w_up in that format (plain or interleaved), w_out_t in its plain layout (q8_0 / q4_0);
     row_mask None or bool (B, m); activation relu | relu2 | silu | fatrelu | drelu; threshold: FATReLU's.
     """
     return torch.ops.sparseinfer.sparse_ffn.default(
@@ -60,17 +61,20 @@ def linear(
 ) -> torch.Tensor:
     """``x @ weight.T + bias`` (B, k), fp32 accumulation, at memory bandwidth on the CPU in every dtype
     (torch's own CPU bf16 GEMV is slow without AVX-512 BF16). weight (k, d) contiguous in x's dtype, or,
-    with ``weight_format`` q8_0 / q4_0, uint8 rows of ggml blocks (``quantize``)."""
+    with ``weight_format`` q8_0 / q4_0 / q8_0_i8 / q4_0_i8, uint8 rows of ggml blocks (``quantize``)."""
     return torch.ops.sparseinfer.linear.default(x, weight, bias, weight_format)
 
 
 BLOCK = 32  # weights per block of the quantized formats
-BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}  # ggml's block_q8_0 / block_q4_0
+# ggml's block_q8_0 / block_q4_0, in the plain layout and the interleaved one ("_i8": the same blocks, each
+# run of 8 stored for 8-lane dot products; see csrc/cpu/quant.h)
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q8_0_i8": 34, "q4_0_i8": 18}
+QUANT_FORMATS = tuple(BLOCK_BYTES)
 
 
 def quantize(w: torch.Tensor, fmt: str) -> torch.Tensor:
-    """(rows, d) float, d % 32 == 0 -> uint8 (rows, d / 32 * block bytes) in ggml's ``fmt`` layout
-    (q8_0 | q4_0), by ggml's reference rounding."""
+    """(rows, d) float, d % 32 == 0 -> uint8 (rows, d / 32 * block bytes) of ggml's ``fmt`` blocks (q8_0 |
+    q4_0, by ggml's reference rounding), plain or interleaved (q8_0_i8 | q4_0_i8)."""
     return torch.ops.sparseinfer.quantize.default(w, fmt)
 
 

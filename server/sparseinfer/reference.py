@@ -55,7 +55,7 @@ def sparse_ffn(
     """
     idx = active.long()  # (n,)
     x32 = _dot_operand(x, weight_format)  # (B, d)
-    w_in, w_out_t = _weights(w_in, weight_format), _weights(w_out_t, weight_format)
+    w_in, w_out_t = _weights(w_in, weight_format), _weights(w_out_t, weight_format.removesuffix("_i8"))
     z = x32 @ w_in.index_select(0, idx).float().t()  # (B, n)
     if activation in ("relu", "drelu"):
         h = torch.relu(z)
@@ -100,7 +100,11 @@ def _round_half_away(v: torch.Tensor) -> torch.Tensor:
 def quantize(w: torch.Tensor, fmt: str) -> torch.Tensor:
     """(rows, d) -> uint8 (rows, d / 32 * block bytes), by ggml's reference quantizers (ggml-quants.c):
     Q8_0: d = amax / 127, q = roundf(x / d); Q4_0: d = max / -8 (max: the value of largest magnitude, the
-    first one), q = min(15, (int)(x / d + 8.5)), two 4-bit values per byte (i and i + 16)."""
+    first one), q = min(15, (int)(x / d + 8.5)), two 4-bit values per byte (i and i + 16). An ``_i8``
+    format is the plain one interleaved (``interleave``)."""
+    if fmt.endswith("_i8"):
+        base = fmt.removesuffix("_i8")
+        return interleave(quantize(w, base), base)
     rows, cols = w.shape
     b = w.float().reshape(rows, cols // BLOCK, BLOCK)  # (rows, nb, 32)
     if fmt == "q8_0":
@@ -121,6 +125,9 @@ def quantize(w: torch.Tensor, fmt: str) -> torch.Tensor:
 
 def dequantize(q: torch.Tensor, fmt: str) -> torch.Tensor:
     """uint8 rows of ``fmt`` blocks -> (rows, d) float32: w = d * q (Q4_0: q - 8)."""
+    if fmt.endswith("_i8"):
+        base = fmt.removesuffix("_i8")
+        return dequantize(deinterleave(q, base), base)
     size = {"q8_0": 34, "q4_0": 18}[fmt]
     rows = q.shape[0]
     blocks = q.reshape(rows, -1, size)  # (rows, nb, size)
@@ -133,14 +140,43 @@ def dequantize(q: torch.Tensor, fmt: str) -> torch.Tensor:
     return (vals * d).reshape(rows, -1)
 
 
+def _interleave_map(fmt: str, row_bytes: int) -> torch.Tensor:
+    """For each byte of an interleaved row, the index of the plain-row byte it holds: each run of 8 blocks
+    as their 8 fp16 scales, then 32-byte chunks, chunk c holding bytes [4c, 4c + 4) of each block's quants
+    (block j at 4j); blocks after the last full run unchanged (csrc/cpu/quant.h)."""
+    size = {"q8_0": 34, "q4_0": 18}[fmt]
+    nblk = row_bytes // size
+    src = torch.arange(row_bytes)
+    for g in range(nblk // 8):
+        base = g * 8 * size
+        order = [base + j * size + k for j in range(8) for k in range(2)]  # the 8 scales
+        for c in range((size - 2) // 4):
+            order += [base + j * size + 2 + 4 * c + i for j in range(8) for i in range(4)]
+        src[base : base + 8 * size] = torch.tensor(order)
+    return src
+
+
+def interleave(q: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Plain rows of ``fmt`` blocks -> the interleaved layout (the same bytes, moved)."""
+    return q[:, _interleave_map(fmt, q.shape[1])]
+
+
+def deinterleave(q: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The interleaved layout -> plain rows of ``fmt`` blocks."""
+    out = torch.empty_like(q)
+    out[:, _interleave_map(fmt, q.shape[1])] = q
+    return out
+
+
 def activations_q8_0(x: torch.Tensor) -> torch.Tensor:
-    """x (B, d) as the kernels see it against quantized weights: each block of 32 quantized to Q8_0 (ggml's
-    quantize_row_q8_0: q = roundf(x / (amax / 127))) and dequantized with the scale rounded to fp16."""
+    """x (B, d) as the kernels see it against quantized weights: each block of 32 quantized to Q8_0 as
+    ggml's run-time quantize_row_q8_0 does (q = round(x / (amax / 127)), ties to even) and dequantized with
+    the scale rounded to fp16."""
     B, d = x.shape
     b = x.float().reshape(B, d // BLOCK, BLOCK)
     step = b.abs().amax(-1, keepdim=True) / 127
     inv = torch.where(step == 0, torch.zeros_like(step), 1 / step)
-    q = _round_half_away(b * inv).float()
+    q = torch.round(b * inv)  # ties to even
     return (q * step.to(torch.float16).float()).reshape(B, d)
 
 

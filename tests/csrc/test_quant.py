@@ -11,6 +11,7 @@ import torch
 from sparseinfer import ops, reference
 
 FORMATS = ["q8_0", "q4_0"]
+LAYOUTS = [*FORMATS, "q8_0_i8", "q4_0_i8"]  # plain rows, and the same blocks interleaved for dot products
 
 
 def _weights(rows, d, seed=0, dtype=torch.float32):
@@ -34,6 +35,20 @@ def test_quantize_is_ggml_byte_for_byte(fmt, rows, d):
     assert np.array_equal(ours.numpy(), gguf.quants.quantize(w.numpy(), qtype))
     assert torch.equal(ours, reference.quantize(w, fmt))
     assert np.array_equal(ops.dequantize(ours, fmt).numpy(), gguf.quants.dequantize(ours.numpy(), qtype))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("d", [32, 256, 288, 4096, 4128])
+def test_interleaved_rows_hold_the_same_blocks(fmt, d):
+    """The _i8 layout moves bytes within a row (runs of 8 blocks; the tail stays plain): the same bytes,
+    the same weights, and reference.interleave is its independent spelling."""
+    w = _weights(5, d)
+    plain, inter = ops.quantize(w, fmt), ops.quantize(w, fmt + "_i8")
+    assert inter.shape == plain.shape
+    assert torch.equal(inter, reference.interleave(plain, fmt))
+    assert torch.equal(reference.deinterleave(inter, fmt), plain)
+    assert torch.equal(torch.sort(inter, 1).values, torch.sort(plain, 1).values)
+    assert torch.equal(ops.dequantize(inter, fmt + "_i8"), ops.dequantize(plain, fmt))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -74,20 +89,20 @@ def test_linear_matches_reference(isa, fmt, B, k, d):
     _check_linear(x, q, fmt)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", LAYOUTS)
 @pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 8, 9, 16, 31, 32])
 def test_linear_every_batch_size_and_dtype(isa, fmt, B):
-    q = ops.quantize(_weights(40, 128, seed=B), fmt)
+    q = ops.quantize(_weights(40, 288, seed=B), fmt)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        x = torch.randn(B, 128, generator=torch.Generator().manual_seed(B)).to(dtype)
+        x = torch.randn(B, 288, generator=torch.Generator().manual_seed(B)).to(dtype)
         bias = torch.randn(40).to(dtype)
         _check_linear(x, q, fmt, bias)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", LAYOUTS)
 def test_linear_rows_are_batch_independent(isa, fmt):
-    q = ops.quantize(_weights(30, 96), fmt)
-    x = torch.randn(9, 96)
+    q = ops.quantize(_weights(30, 288), fmt)
+    x = torch.randn(9, 288)
     batch = ops.linear(x, q, None, fmt)
     for b in range(9):
         assert torch.equal(batch[b : b + 1], ops.linear(x[b : b + 1], q, None, fmt))
@@ -98,7 +113,7 @@ def _ffn(B, d, m, fmt, gated, density, masked, seed=0, dtype=torch.float32):
     x = torch.randn(B, d, generator=g).to(dtype)
     w_in = ops.quantize(torch.randn(m, d, generator=g) / d**0.5, fmt)
     w_up = ops.quantize(torch.randn(m, d, generator=g) / d**0.5, fmt) if gated else None
-    w_out_t = ops.quantize(torch.randn(m, d, generator=g) / m**0.5, fmt)
+    w_out_t = ops.quantize(torch.randn(m, d, generator=g) / m**0.5, fmt.removesuffix("_i8"))  # always plain
     active = (torch.rand(m, generator=g) < density).nonzero().flatten().to(torch.int32)
     row_mask = torch.rand(B, m, generator=g) < 0.6 if masked else None
     return x, w_in, w_up, w_out_t, active, row_mask
@@ -114,7 +129,7 @@ def _check_ffn(args, activation, fmt, threshold=0.1):
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * scale)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", LAYOUTS)
 @pytest.mark.parametrize("activation", ["relu", "relu2", "silu", "fatrelu", "drelu"])
 @pytest.mark.parametrize("gated", [True, False])
 def test_sparse_ffn_matches_reference(isa, fmt, activation, gated):
@@ -123,7 +138,7 @@ def test_sparse_ffn_matches_reference(isa, fmt, activation, gated):
     _check_ffn(_ffn(3, 96, 77, fmt, gated, 0.5, masked=True), activation, fmt)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", LAYOUTS)
 @pytest.mark.parametrize(
     ("B", "d", "m"), [(1, 32, 1), (1, 64, 13), (2, 160, 65), (5, 544, 300), (32, 96, 97)]
 )
@@ -132,7 +147,7 @@ def test_sparse_ffn_odd_sizes(isa, fmt, B, d, m):
         _check_ffn(_ffn(B, d, m, fmt, True, 0.4, masked=B > 1, seed=B + m, dtype=dtype), "relu", fmt)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", LAYOUTS)
 @pytest.mark.parametrize("density", [0.0, 1.0])
 def test_sparse_ffn_empty_and_full_active_sets(isa, fmt, density):
     args = _ffn(4, 64, 50, fmt, True, density, masked=True)
@@ -140,17 +155,18 @@ def test_sparse_ffn_empty_and_full_active_sets(isa, fmt, density):
     _check_ffn(args, "silu", fmt)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", LAYOUTS)
 def test_sparse_ffn_full_set_equals_the_dense_ffn(isa, fmt):
     """All neurons through the sparse kernel = the dense FFN through quantized linear (the engine's dense
     path over the same transposed rows)."""
-    x, w_in, w_up, w_out_t, active, _ = _ffn(2, 128, 96, fmt, True, 1.0, masked=False)
+    x, w_in, w_up, w_out_t, active, _ = _ffn(2, 256, 96, fmt, True, 1.0, masked=False)
     got = ops.sparse_ffn(x, w_in, w_up, w_out_t, active, None, "silu", 0.0, fmt)
     h = torch.nn.functional.silu(ops.linear(x, w_in, None, fmt)) * ops.linear(x, w_up, None, fmt)
-    torch.testing.assert_close(got, h @ ops.dequantize(w_out_t, fmt), rtol=1e-4, atol=1e-4)
+    down = ops.dequantize(w_out_t, fmt.removesuffix("_i8"))
+    torch.testing.assert_close(got, h @ down, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", LAYOUTS)
 def test_opcheck(fmt):
     w = _weights(12, 64)
     q = ops.quantize(w, fmt)
@@ -166,8 +182,8 @@ def test_opcheck(fmt):
     ("call", "message"),
     [
         (lambda: ops.quantize(torch.randn(4, 33), "q8_0"), "multiple of 32"),
-        (lambda: ops.quantize(torch.randn(4, 32), "q5_0"), "weight_format must be none, q8_0 or q4_0"),
-        (lambda: ops.quantize(torch.randn(4, 32), "none"), "format must be q8_0 or q4_0"),
+        (lambda: ops.quantize(torch.randn(4, 32), "q5_0"), "weight_format must be none, q8_0, q4_0, q8_0_i8"),
+        (lambda: ops.quantize(torch.randn(4, 32), "none"), "format must be q8_0, q4_0, q8_0_i8 or q4_0_i8"),
         (
             lambda: ops.dequantize(torch.zeros(4, 35, dtype=torch.uint8), "q8_0"),
             "dequantize: q must be uint8",
