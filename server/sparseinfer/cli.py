@@ -23,6 +23,7 @@ import torch
 
 from sparseinfer.engine.sampling import SamplingParams
 from sparseinfer.model.config import DTYPES, SUPPORTED_ACTIVATIONS
+from sparseinfer.model.quant import WEIGHT_FORMATS
 
 if TYPE_CHECKING:
     from sparseinfer.engine.factory import EngineConfig
@@ -129,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     gen.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the checkpoint's)")
+    gen.add_argument(
+        "--weights",
+        choices=WEIGHT_FORMATS,
+        default="checkpoint",
+        help="decoder weights in the checkpoint's dtype, or quantized at load to ggml's q8_0 or q4_0 blocks",
+    )
     gen.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
     gen.add_argument(
         "--sparsity",
@@ -207,6 +214,7 @@ def generate_config(args: argparse.Namespace, env: Environment) -> GenerateConfi
         engine = env.engine_config(
             dtype=dtype,
             threads=args.threads,
+            weights=args.weights,
             sparsity=SparsityConfig(mode=args.sparsity, gpu_memory=gpu_memory),
         )
         engine.validate()

@@ -65,8 +65,10 @@ def test_dense_perplexity_equals_the_study_tools(bench):
     seqs = _sequences(text)
     assert result["meta"]["perplexity_sequences"] == list(seqs.shape) == [TOKENS // SEQ_LEN, SEQ_LEN]
     expected = perplexity(load_model(bundled_model_path()), seqs, progress=False)
-    assert rows["dense"]["perplexity"] == pytest.approx(expected, rel=1e-9)  # the same ops: equal
-    assert f"| dense | {rows['dense']['decode_tokens_per_s']:.1f} | {expected:.3f} |" in table
+    # Dense rows through the executors sum the down projection over the tier's W_out^T rows (a CPU tier
+    # keeps no second copy of it), so they equal the plain model up to summation order in bf16.
+    assert rows["dense"]["perplexity"] == pytest.approx(expected, rel=1e-3)
+    assert f"| dense | {rows['dense']['decode_tokens_per_s']:.1f} | {rows['dense']['perplexity']:.3f} |" in table
 
 
 def test_sparse_perplexities_match_the_truncated_model(bench):

@@ -50,13 +50,14 @@ def test_cpu_tiers_and_predictors_live_in_huge_pages():
     w_in, w_up = torch.randn(m, d).bfloat16(), torch.randn(m, d).bfloat16()
     w_out = torch.randn(d, m).bfloat16()
     tier = make_tier(w_in, w_up, w_out, torch.arange(m), torch.device("cpu"), hot=False)
-    for t in (tier.w_in, tier.w_up, tier.w_out_t, tier.w_out):
+    for t in (tier.w_in, tier.w_up, tier.w_out_t):  # (the tier keeps only W_out^T of the down projection)
         assert t.data_ptr() % HUGE_PAGE == 0
-    assert (
-        torch.equal(tier.w_in, w_in)
-        and torch.equal(tier.w_out_t, w_out.t())
-        and torch.equal(tier.w_out, w_out)
-    )
+    assert torch.equal(tier.w_in, w_in) and torch.equal(tier.w_out_t, w_out.t())
+    big = 6000  # Q4_0 rows of 768 weights are 432 bytes: 2.5 MiB, past one huge page
+    w_in, w_up, w_out = torch.randn(big, d), torch.randn(big, d), torch.randn(d, big)
+    quantized = make_tier(w_in, w_up, w_out, torch.arange(big), torch.device("cpu"), False, weights="q4_0")
+    for t in (quantized.w_in, quantized.w_up, quantized.w_out_t):
+        assert t.dtype == torch.uint8 and t.data_ptr() % HUGE_PAGE == 0
     pred = LayerPredictor(
         torch.randn(1500, d), torch.zeros(1500), torch.randn(m, 1500), torch.zeros(m), 0.5, None
     )

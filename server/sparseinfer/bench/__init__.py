@@ -26,3 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     from sparseinfer.bench import bundled
 
     bundled.register(bench_sub)
+    from sparseinfer.bench import llamacpp
+
+    llamacpp.register(bench_sub)

@@ -20,6 +20,7 @@ import torch
 from sparseinfer.engine.generate import Engine
 from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
 from sparseinfer.model.linear import row_kernels_win
+from sparseinfer.model.quant import quantize_linears, validate_weights
 from sparseinfer.model.step import SparsityMode
 from sparseinfer.model.tokenizer import Tokenizer
 
@@ -32,6 +33,9 @@ class EngineConfig:
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     per_request_modes: bool = False  # install the sparse runtime whenever the sidecar allows (servers)
     dense_linear: str = "auto"  # kernel of the dense projections: auto | torch | rows (model.linear)
+    weights: str = (
+        "checkpoint"  # every decoder weight in the checkpoint's dtype, or q8_0 | q4_0 (model.quant)
+    )
     threads: int | None = None  # torch CPU threads; None: torch's default
 
     def validate(self) -> None:
@@ -41,6 +45,7 @@ class EngineConfig:
         if self.max_seq is not None and self.max_seq < 1:
             raise ValueError(f"max_seq must be ≥ 1, got {self.max_seq}")
         row_kernels_win(self.dense_linear)  # raises for an unknown choice
+        validate_weights(self.weights)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be ≥ 1, got {self.threads}")
 
@@ -70,7 +75,13 @@ def load_engine(model_dir: str | Path, config: EngineConfig, tokenizer: Tokenize
     )
     runtime = None
     if wants_runtime and not model.config.mlp_bias:
-        runtime = SparseRuntime.from_checkpoint(model, directory, sparse, config.max_batch, max_seq)
+        runtime = SparseRuntime.from_checkpoint(
+            model, directory, sparse, config.max_batch, max_seq, config.weights
+        )
     elif sparse.mode != SparsityMode.DENSE:
         raise ValueError(f"--sparsity {sparse.mode}: this model has FFN biases and can only run dense")
+    if config.weights != "checkpoint":
+        # Every projection the runtime did not take over (attention, lm_head; the FFN of a dense model):
+        # the float weights go with the replaced modules, so a memory-mapped checkpoint is unmapped.
+        quantize_linears(model, config.weights, sparse.hugepages)
     return Engine(model, tokenizer, max_batch=config.max_batch, max_seq=max_seq, sparsity=runtime)

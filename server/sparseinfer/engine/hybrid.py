@@ -14,7 +14,7 @@ the CPU: the same code runs, which is how the split is tested on CPU-only machin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,7 @@ from sparseinfer import ops
 from sparseinfer.engine.hugepages import to_hugepages
 from sparseinfer.model.ffn import activation_fn, hidden
 from sparseinfer.model.linear import linear
+from sparseinfer.model.quant import dot_layout, quantizable, quantize_for_dots
 from sparseinfer.sparsity.neurons import active_mask
 
 # Union density above which a layer runs the dense GEMMs instead of the sparse kernels, per weight dtype
@@ -45,23 +46,35 @@ def default_crossover(dtype: torch.dtype) -> float:
 class Tier:
     device: torch.device
     ids: torch.Tensor  # (m_t,) int64 global neuron ids, ascending, on the CPU
-    w_in: torch.Tensor  # (m_t, d)
-    w_up: torch.Tensor | None  # (m_t, d) or None (non-gated)
-    w_out_t: torch.Tensor  # (m_t, d): the sparse kernels' layout
-    w_out: torch.Tensor  # (d, m_t): the dense fallback's (a CPU bf16 GEMM with the transposed layout runs
-    # ~70× slower than with this one, so CPU tiers in 16-bit dtypes keep both; elsewhere it is a view)
-    norms: torch.Tensor  # (m_t,) float32 ‖W_out[:, i]‖₂, for the active-neuron test
+    w_in: torch.Tensor  # (m_t, d), in the tier's dtype or as uint8 rows of ``weights`` blocks (dot layout)
+    w_up: torch.Tensor | None  # (m_t, d) or None (non-gated), as w_in
+    # (m_t, d): one row per neuron, the layout the sparse kernels read; quantized: plain ``weights`` blocks.
+    # The only copy of the down projection: a CPU tier's dense path runs the sparse kernel over every row.
+    w_out_t: torch.Tensor
+    norms: torch.Tensor  # (m_t,) float32 ‖W_out[:, i]‖₂ of the unquantized weights, for the active test
     hot: bool  # served by the fast tier (accounting's hot_share)
+    weights: str = "checkpoint"  # "checkpoint" (the tier's dtype) or a ``model.quant`` format
+    all_rows: torch.Tensor = field(init=False)  # (m_t,) int32 0..m_t-1 on the device: the dense path's set
+
+    def __post_init__(self) -> None:
+        self.all_rows = torch.arange(self.size, dtype=torch.int32, device=self.device)
 
     @property
     def size(self) -> int:
         return int(self.ids.numel())
 
     @property
+    def quantized(self) -> bool:
+        return self.weights != "checkpoint"
+
+    @property
+    def dot_format(self) -> str:
+        """The weight_format of w_in / w_up for ``ops`` ("none" in the tier's dtype)."""
+        return dot_layout(self.weights) if self.quantized else "none"
+
+    @property
     def nbytes(self) -> int:
         ws = [self.w_in, self.w_out_t] + ([self.w_up] if self.w_up is not None else [])
-        if self.w_out.data_ptr() != self.w_out_t.data_ptr():
-            ws.append(self.w_out)
         return sum(w.numel() * w.element_size() for w in ws)
 
 
@@ -73,37 +86,35 @@ def make_tier(
     device: torch.device,
     hot: bool,
     hugepages: bool = True,
+    weights: str = "checkpoint",
 ) -> Tier:
-    """Copy rows ``ids`` of a layer's weights into a contiguous shard on ``device``.
+    """Copy rows ``ids`` of a layer's weights into a contiguous shard on ``device``, quantized to
+    ``weights`` (a ``model.quant`` format, CPU tiers only) or in their dtype.
 
     w_in / w_up: (m, d) gate_proj / up_proj weights; w_out: (d, m) down_proj weight. A CPU shard lives in
     huge pages (``hugepages``: the sparse kernel's scattered row reads need them to approach memory
     bandwidth). Where that is off, a shard of every neuron, in order, on the weights' own device reuses
-    w_in / w_up / w_out as they are (no copy: a memory-mapped checkpoint stays mapped); W_out^T is always a
-    new tensor.
+    w_in / w_up as they are (no copy: a memory-mapped checkpoint stays mapped); W_out^T is always a new
+    tensor.
     """
     ids = ids.to("cpu", torch.long)
     m = w_in.shape[0]
     whole = ids.numel() == m and bool(torch.equal(ids, torch.arange(m))) and w_in.device == device
+    quantized = weights != "checkpoint"
+    if quantized and (device.type != "cpu" or not quantizable(w_in)):
+        raise ValueError(f"--weights {weights}: the quantized kernels need CPU rows of whole 32-blocks")
 
     def shard(w: torch.Tensor) -> torch.Tensor:
-        if whole and w.is_contiguous():
+        if whole and w.is_contiguous() and not quantized:
             return to_hugepages(w, hugepages)
         rows = w.index_select(0, ids.to(w.device)).to(device).contiguous()  # (m_t, d)
-        return to_hugepages(rows, hugepages)
+        return quantize_for_dots(rows, weights, hugepages) if quantized else to_hugepages(rows, hugepages)
 
-    w_out_t = to_hugepages(
-        w_out.t().index_select(0, ids.to(w_out.device)).to(device).contiguous(), hugepages
-    )  # (m_t, d)
-    if device.type == "cpu" and w_out.dtype != torch.float32:
-        dense_out = to_hugepages(
-            w_out if whole and w_out.is_contiguous() else w_out_t.t().contiguous(), hugepages
-        )  # (d, m_t)
-    else:
-        dense_out = w_out_t.t()  # (d, m_t) view: fp32 BLAS and cuBLAS take either layout at full speed
-    norms = torch.linalg.vector_norm(w_out_t.float(), dim=1)  # (m_t,)
+    down = w_out.t().index_select(0, ids.to(w_out.device)).to(device).contiguous()  # (m_t, d)
+    norms = torch.linalg.vector_norm(down.float(), dim=1)  # (m_t,)
+    w_out_t = to_hugepages(ops.quantize(down, weights) if quantized else down, hugepages)
     w_up_t = shard(w_up) if w_up is not None else None
-    return Tier(device, ids, shard(w_in), w_up_t, w_out_t, dense_out, norms, hot)
+    return Tier(device, ids, shard(w_in), w_up_t, w_out_t, norms, hot, weights)
 
 
 class TieredFFN:
@@ -144,10 +155,15 @@ class TieredFFN:
             hot[t.ids] = t.hot
         self.hot_mask = hot.to(out_device)  # (m,) served by the hot tier
 
+    def _project(self, x: torch.Tensor, w: torch.Tensor, tier: Tier) -> torch.Tensor:
+        if tier.quantized:
+            return ops.linear(x, w, None, tier.dot_format)
+        return linear(x, w, rows=self.rows)
+
     def activations(self, x: torch.Tensor, tier: Tier) -> torch.Tensor:
         """Dense h of one tier's neurons: x (N, d) on the tier's device -> (N, m_t), in x's dtype."""
-        up = linear(x, tier.w_up, rows=self.rows) if tier.w_up is not None else None  # (N, m_t)
-        return hidden(self.act, self.activation, linear(x, tier.w_in, rows=self.rows), up)  # (N, m_t)
+        up = self._project(x, tier.w_up, tier) if tier.w_up is not None else None  # (N, m_t)
+        return hidden(self.act, self.activation, self._project(x, tier.w_in, tier), up)  # (N, m_t)
 
     def true_mask(self, x: torch.Tensor, eps: float) -> torch.Tensor:
         """(N, m) bool on the output device: the truly active neurons (|h_i|·‖W_out[:, i]‖ ≥ ε)."""
@@ -161,7 +177,9 @@ class TieredFFN:
         return mask
 
     def dense(self, x: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
-        """Every neuron computed with the dense GEMMs; h zeroed where ``row_mask`` (N, m) is False."""
+        """Every neuron computed; h zeroed where ``row_mask`` (N, m) is False. A tier keeps one down layout,
+        W_out^T: on the CPU the sparse kernel runs over all its rows (bandwidth-bound like a GEMV, in every
+        dtype and format); elsewhere the GEMMs take the transposed view (cuBLAS reads either layout)."""
         # Inputs go to every tier before any compute (see ``forward``: no copy may queue behind the hot work).
         inputs = []
         for t, ids in zip(self.tiers, self._ids_dev, strict=True):
@@ -171,11 +189,21 @@ class TieredFFN:
             inputs.append((t, x.to(t.device), keep))
         parts = []
         for t, xt, keep in inputs:
+            if t.device.type == "cpu":
+                parts.append(self._sparse(t, xt, t.all_rows, keep))  # (N, d)
+                continue
             h = self.activations(xt, t)  # (N, m_t)
             if keep is not None:
                 h = h * keep.to(h.dtype)
-            parts.append(linear(h, t.w_out, rows=self.rows))  # (N, d) on the tier's device
+            parts.append(linear(h, t.w_out_t.t()))  # (N, d) on the tier's device
         return self._sum(parts)
+
+    def _sparse(
+        self, t: Tier, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        return ops.sparse_ffn(
+            x, t.w_in, t.w_up, t.w_out_t, rows, mask, self.activation, self.threshold, t.dot_format
+        )
 
     def _sum(self, parts: list[torch.Tensor]) -> torch.Tensor:
         out = parts[0].to(self.out_device)
@@ -194,10 +222,7 @@ class TieredFFN:
                 row_mask[:, union.long()] = True
             return self.dense(x, row_mask)
         if self._identity:
-            t = self.tiers[0]
-            return ops.sparse_ffn(
-                x, t.w_in, t.w_up, t.w_out_t, union, row_mask, self.activation, self.threshold
-            )
+            return self._sparse(self.tiers[0], x, union, row_mask)
         # Split the union into each tier's local rows (ascending: tier ids and the union both are), and move
         # every input to its tier BEFORE any launch: a device-to-host copy issued after the hot launch would
         # wait for the hot kernels on the stream and serialise the two tiers.
@@ -212,8 +237,5 @@ class TieredFFN:
         if not work:
             return torch.zeros_like(x, device=self.out_device)
         # Hot tier first (its CUDA kernels return at once), then the CPU computes the cold tier meanwhile.
-        parts = [
-            ops.sparse_ffn(xt, t.w_in, t.w_up, t.w_out_t, rows, mask, self.activation, self.threshold)
-            for t, xt, rows, mask in work
-        ]  # each (N, d) on its tier's device
+        parts = [self._sparse(t, xt, rows, mask) for t, xt, rows, mask in work]  # (N, d) on its tier's device
         return self._sum(parts)

@@ -19,6 +19,7 @@ from sparseinfer.engine.errors import InvalidRequest
 from sparseinfer.engine.hybrid import TieredFFN, default_crossover, make_tier
 from sparseinfer.engine.placement import Placement, dense_bytes, neuron_bytes, plan_placement
 from sparseinfer.engine.sparse_ffn import LayerPredictor, SparseFFN
+from sparseinfer.model.quant import validate_weights
 from sparseinfer.model.step import MODES, ForwardStep, SparsityMode
 from sparseinfer.model.transformer import Transformer
 from sparseinfer.sparsity.sidecar import PRODUCERS, Sidecar, SidecarError
@@ -77,8 +78,14 @@ class SparseRuntime:
         predictors: Sequence[LayerPredictor] | None,
         placement: Placement | None,
         sidecar_dir: Path | None = None,
+        weights: str = "checkpoint",
     ) -> None:
+        """``weights``: the FFN tiers' and predictors' format (``model.quant``: quantized at construction,
+        CPU tiers only)."""
         config.validate()
+        validate_weights(weights)
+        if weights != "checkpoint" and (placement is not None or model.device.type != "cpu"):
+            raise ValueError(f"--weights {weights}: quantized weights run on the CPU only (no --gpu-memory)")
         if model.config.mlp_bias:
             raise ValueError("sparse execution does not support FFN biases (mlp_bias); run this model dense")
         L, m = model.config.num_layers, model.config.intermediate_size
@@ -91,7 +98,8 @@ class SparseRuntime:
         self.placement = placement
         self.sidecar_dir = sidecar_dir
         self.layer_neurons = (m,) * L
-        self.neuron_bytes = (neuron_bytes(model),) * L
+        self.weights = weights
+        self.neuron_bytes = (neuron_bytes(model, weights),) * L
         self._sections = {"calibration": thresholds is not None, "predictor": predictors is not None}
         self.check_mode(config.mode)
         crossover = config.crossover if config.crossover is not None else default_crossover(model.dtype)
@@ -108,7 +116,7 @@ class SparseRuntime:
                 # One tier on the model's device: the report's "hot" means served by the GPU, so a
                 # CPU-only model counts every neuron as cold.
                 on_gpu = model.device.type != "cpu"
-                tiers = [make_tier(w_in, w_up, w_out, torch.arange(m), model.device, on_gpu, hp)]
+                tiers = [make_tier(w_in, w_up, w_out, torch.arange(m), model.device, on_gpu, hp, weights)]
             else:
                 hot = placement.hot[li]
                 cold = torch.ones(m, dtype=torch.bool)
@@ -120,7 +128,9 @@ class SparseRuntime:
             # The tiers' dense GEMMs use the kernel the model's projections were given at load.
             rows = mlp.gate_proj.rows
             tiered = TieredFFN(tiers, m, out_device, mlp.activation, model.config.activation_threshold, rows)
-            predictor = predictors[li].to(out_device, model.dtype, hp) if predictors is not None else None
+            predictor = (
+                predictors[li].to(out_device, model.dtype, hp, weights) if predictors is not None else None
+            )
             eps = float(thresholds[li]) if thresholds is not None else None
             # The dense FFN's weights are dropped with it: the tiers hold the only copy.
             block.mlp = SparseFFN(li, tiered, eps, predictor, default_mode, crossover)
@@ -136,9 +146,11 @@ class SparseRuntime:
         config: SparsityConfig,
         max_batch: int = 1,
         max_seq: int | None = None,
+        weights: str = "checkpoint",
     ) -> SparseRuntime:
         """Load thresholds / predictors / profile from the checkpoint's sidecar (all that exist; the default
-        mode's sections are required) and install the executors into ``model``."""
+        mode's sections are required) and install the executors into ``model``, its FFNs and predictors in
+        ``weights``."""
         config.validate()
         directory = config.sidecar_dir
         sidecar: Sidecar | None = None
@@ -169,7 +181,9 @@ class SparseRuntime:
                 config.gpu_memory,
                 dense_bytes(model, max_batch, max_seq or c.max_position_embeddings, extra),
             )
-        return cls(model, config, thresholds, predictors, placement, directory or Path(checkpoint_dir))
+        return cls(
+            model, config, thresholds, predictors, placement, directory or Path(checkpoint_dir), weights
+        )
 
     # ---- per-request modes ----
     def check_mode(self, mode: str) -> SparsityMode:

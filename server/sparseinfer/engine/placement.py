@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparseinfer.model.quant import BYTES_PER_WEIGHT
 from sparseinfer.model.transformer import Transformer
 
 _UNITS = {
@@ -52,11 +53,15 @@ def parse_memory(text: str, name: str = "--gpu-memory") -> int:
     return math.floor(float(match.group(1)) * _UNITS[unit])
 
 
-def neuron_bytes(model: Transformer) -> int:
-    """Weight bytes of one FFN neuron: its gate row, up row (gated FFNs) and down-projection column."""
+def neuron_bytes(model: Transformer, weights: str | None = None) -> int:
+    """Weight bytes of one FFN neuron: its gate row, up row (gated FFNs) and down-projection column, in
+    ``weights`` (a ``model.quant`` format, or "checkpoint": the model dtype); None: as the model has them."""
     mlp = model.layers[0].mlp
     rows = 3 if getattr(mlp, "up_proj", None) is not None else 2
-    return rows * model.config.hidden_size * model.dtype.itemsize
+    if weights is None:
+        weights = getattr(getattr(mlp, "gate_proj", None), "fmt", "checkpoint")
+    per = BYTES_PER_WEIGHT[weights] if weights != "checkpoint" else model.dtype.itemsize
+    return round(rows * model.config.hidden_size * per)
 
 
 def ffn_parameter_names(model: Transformer) -> set[str]:

@@ -23,6 +23,7 @@ from torch import nn
 from sparseinfer import ops
 from sparseinfer.engine.hugepages import to_hugepages
 from sparseinfer.engine.hybrid import DEFAULT_CROSSOVER, TieredFFN
+from sparseinfer.model.quant import dot_layout, quantizable, quantize_for_dots
 from sparseinfer.model.step import ForwardStep, SparsityMode
 from sparseinfer.sparsity.predictor import LowRankPredictor, strict_logit_threshold
 
@@ -40,11 +41,13 @@ class LayerPredictor:
         b2: torch.Tensor,
         score_threshold: float,
         hidden_activation: str | None,
+        formats: tuple[str, str] = ("none", "none"),
     ) -> None:
         self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2  # (r, d), (r,), (m, r), (m,)
         self.hidden_activation = hidden_activation
         self.score_threshold = float(score_threshold)
         self.threshold = strict_logit_threshold(self.score_threshold)
+        self.formats = formats  # ops.linear's weight_format of w1 and w2 ("none": in the biases' dtype)
 
     @classmethod
     def from_trained(cls, predictor: LowRankPredictor, score_threshold: float) -> LayerPredictor:
@@ -54,25 +57,45 @@ class LayerPredictor:
         return cls(*(w.detach() for w in weights), score_threshold, p.hidden_activation)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, d) -> (N, m) logits in the weights' dtype. Through ``ops.linear``, the projection the kernel
+        """(N, d) -> (N, m) logits in the model dtype. Through ``ops.linear``, the projection the kernel
         benchmark times with the sparse FFN: torch's CPU bf16 GEMV is many times slower at these shapes."""
-        z = ops.linear(x.to(self.w1.dtype).contiguous(), self.w1, self.b1)  # (N, r)
+        z = ops.linear(x.to(self.b1.dtype).contiguous(), self.w1, self.b1, self.formats[0])  # (N, r)
         if self.hidden_activation == "relu":
             z = F.relu(z)
-        return ops.linear(z, self.w2, self.b2)  # (N, m)
+        return ops.linear(z, self.w2, self.b2, self.formats[1])  # (N, m)
 
     @property
     def numel(self) -> int:
-        return sum(t.numel() for t in (self.w1, self.b1, self.w2, self.b2))
+        """Weights and biases: the parameter count, whatever their storage."""
+        r, m = self.b1.numel(), self.b2.numel()
+        d = self.w1.shape[1]
+        if self.formats[0] != "none":  # uint8 rows of 32-weight blocks
+            d = d // ops.BLOCK_BYTES[self.formats[0]] * ops.BLOCK
+        return r * d + r + m * r + m
 
-    def to(self, device: torch.device, dtype: torch.dtype, hugepages: bool = True) -> LayerPredictor:
-        """A copy on ``device`` in ``dtype`` (the model's: a bf16 model reads half the predictor bytes), in
-        huge pages on the CPU unless ``hugepages`` is off."""
-        w = (
-            to_hugepages(t.to(device, dtype).contiguous(), hugepages)
-            for t in (self.w1, self.b1, self.w2, self.b2)
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w1, self.b1, self.w2, self.b2))
+
+    def to(
+        self, device: torch.device, dtype: torch.dtype, hugepages: bool = True, weights: str = "checkpoint"
+    ) -> LayerPredictor:
+        """A copy on ``device`` in ``dtype`` (the model's: a bf16 model reads half the predictor bytes), its
+        weights quantized to ``weights`` (a ``model.quant`` format; CPU only, where rows hold whole blocks),
+        in huge pages on the CPU unless ``hugepages`` is off."""
+        b1, b2 = (to_hugepages(t.to(device, dtype).contiguous(), hugepages) for t in (self.b1, self.b2))
+        packed, formats = [], []
+        for w in (self.w1, self.w2):
+            if weights != "checkpoint" and device.type == "cpu" and quantizable(w):
+                packed.append(quantize_for_dots(w.float(), weights, hugepages))
+                formats.append(dot_layout(weights))
+            else:
+                packed.append(to_hugepages(w.to(device, dtype).contiguous(), hugepages))
+                formats.append("none")
+        w1, w2 = packed
+        return LayerPredictor(
+            w1, b1, w2, b2, self.score_threshold, self.hidden_activation, (formats[0], formats[1])
         )
-        return LayerPredictor(*w, self.score_threshold, self.hidden_activation)
 
 
 class SparseFFN(nn.Module):

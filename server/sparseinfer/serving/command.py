@@ -12,6 +12,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from sparseinfer.model.quant import WEIGHT_FORMATS
 from sparseinfer.serving.config import EVENT_LOOPS, Limits, ServeConfig, new_event_loop
 
 _DEFAULTS = ServeConfig()
@@ -65,6 +66,12 @@ def register(sub: Any) -> None:
         "--grace-period", type=float, default=_DEFAULTS.grace_period, help="seconds to drain on SIGTERM"
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the checkpoint's)")
+    p.add_argument(
+        "--weights",
+        choices=WEIGHT_FORMATS,
+        default=_DEFAULTS.weights,
+        help="decoder weights in the checkpoint's dtype, or quantized at load to ggml's q8_0 or q4_0 blocks",
+    )
     p.add_argument("--threads", type=_int(1), help="CPU threads for torch (default: torch's choice)")
     p.add_argument(
         "--event-loop",
@@ -104,6 +111,7 @@ def serve_config(args: argparse.Namespace, env: Any) -> ServeConfig:
             metrics_port=args.metrics_port,
             grace_period=args.grace_period,
             dtype=args.dtype,
+            weights=args.weights,
             threads=args.threads,
             event_loop=args.event_loop,
             dense_linear=env.dense_linear,

@@ -118,6 +118,7 @@ class ServeConfig:
     event_loop: str = DEFAULT_EVENT_LOOP  # one of EVENT_LOOPS
     dense_linear: str = "auto"  # kernel of the dense projections (model.linear); $SPARSEINFER_DENSE_LINEAR
     hugepages: bool = True  # CPU weights in huge pages (engine.hugepages); $SPARSEINFER_HUGEPAGES=0 turns off
+    weights: str = "checkpoint"  # decoder weights: the checkpoint's dtype, or q8_0 | q4_0 (model.quant)
 
     def engine_config(self) -> EngineConfig:
         """The engine this server runs: its KV cache holds ``max_batch_size`` slots of the longest prompt
@@ -135,6 +136,7 @@ class ServeConfig:
             per_request_modes=True,
             dense_linear=self.dense_linear,
             threads=self.threads,
+            weights=self.weights,
         )
 
     def validate(self) -> None:

@@ -1,0 +1,111 @@
+"""The markdown report of ``bench llamacpp`` (figures from its JSON; nothing typed by hand)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from sparseinfer.bench import engine_measure as em
+
+
+def _median(result: dict[str, Any], key: str) -> float | None:
+    values = result["rounds"].get(key)
+    return statistics.median(values) if values else None
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}×" if a and b else "—"
+
+
+def _per_round_ratio(result: dict[str, Any], a: str, b: str) -> float | None:
+    xs, ys = result["rounds"].get(a), result["rounds"].get(b)
+    if not xs or not ys:
+        return None
+    return statistics.median(x / y for x, y in zip(xs, ys, strict=True))
+
+
+def format_table(result: dict[str, Any]) -> str:
+    meta, memory, extras = result["meta"], result["memory"], result["extras"]
+    c = meta["config"]
+    formats = c["formats"]
+    bw = _median(result, "bandwidth") or 0.0
+    lines = [
+        "# Decode and prefill: ours vs llama.cpp, same weights",
+        "",
+        f"{meta['date']} · torch {meta['torch']} · {meta['cpu']} (flags: {', '.join(meta['cpu_flags'])}) · "
+        f"{meta['threads']} threads · llama.cpp from llama-cpp-python {meta['llama_cpp']['version']}",
+        "",
+        f"Model: LLaMA-7B-shaped, {c['layers']} layers (hidden 4096, intermediate 11008, vocab 32000), gated "
+        f"FATReLU with {c['sparsity']:.0%} of FFN neurons inactive and an exact rank-{c['rank']} predictor "
+        "(`bench decode`'s checkpoint), converted with llama.cpp's convert_hf_to_gguf.py and quantized with "
+        "llama-quantize (whose q4_0 keeps lm_head at q6_K). llama-bench `-t "
+        f"{meta['threads']} -p 0 -n {c['new_tokens']}` (tg) and `-p {c['prompt_tokens']} -n 0` (pp); "
+        f"ours: batch-1 decode of {c['new_tokens']} tokens after an {c['decode_prompt_tokens']}-token "
+        f"prompt, and one prefill of {c['prompt_tokens']} tokens, per mode, one engine per format "
+        f"(`--weights`). Medians of {c['rounds']} interleaved rounds; ratios are medians of the per-round "
+        f"ratios. Read bandwidth in the same rounds (read_bytes, 1 GiB in huge pages): median {bw:.1f} GB/s.",
+        "",
+        "| format | llama.cpp tok/s | ours dense | ours predicted | dense / llama.cpp "
+        "| predicted / llama.cpp | predicted weight GB/s | dense weight GB/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for fmt in formats:
+        lc = _median(result, f"llama.cpp/{fmt}/decode")
+        dense = _median(result, f"ours/{fmt}/dense/decode")
+        pred = _median(result, f"ours/{fmt}/predicted/decode")
+        parts = memory[fmt]["weight_bytes"]
+        rep = result["reports"].get(f"{fmt}/predicted")
+        share = rep["ffn_bytes_read"] / rep["ffn_bytes_dense"] if rep and rep["ffn_bytes_dense"] else 1.0
+        pred_bytes = em.step_bytes(parts, share, True)
+        dense_bytes = em.step_bytes(parts, 1.0, False)
+        vs_dense = _per_round_ratio(result, f"ours/{fmt}/dense/decode", f"llama.cpp/{fmt}/decode") or 0
+        vs_pred = _per_round_ratio(result, f"ours/{fmt}/predicted/decode", f"llama.cpp/{fmt}/decode") or 0
+        lines.append(
+            f"| {fmt} | {lc:.2f} | {dense:.2f} | {pred:.2f} | {vs_dense:.2f}× | {vs_pred:.2f}× | "
+            f"{pred_bytes * pred / 1e9:.1f} | {dense_bytes * dense / 1e9:.1f} |"
+        )
+    lines += [
+        "",
+        "Weight GB/s: the bytes one of our decode steps reads (all weights but the embedding table; in "
+        "predicted mode the predictors plus the FFN rows its active sets need, from the request's sparsity "
+        "report) × tokens/s.",
+        "",
+        f"Prefill of {c['prompt_tokens']} tokens (tokens/s):",
+        "",
+        "| format | llama.cpp pp | ours dense | ours predicted | dense / llama.cpp |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for fmt in formats:
+        lc = _median(result, f"llama.cpp/{fmt}/prefill")
+        dense = _median(result, f"ours/{fmt}/dense/prefill")
+        pred = _median(result, f"ours/{fmt}/predicted/prefill")
+        lines.append(
+            f"| {fmt} | {lc:.1f} | {dense:.1f} | {pred:.1f} | "
+            f"{_per_round_ratio(result, f'ours/{fmt}/dense/prefill', f'llama.cpp/{fmt}/prefill') or 0:.2f}× |"
+        )
+    lines += [
+        "",
+        "Batch-1 projections (weight bytes / time, medians of 8 calls; read bandwidth measured just before):",
+        "",
+        "| format | read GB/s | " + " | ".join(next(iter(extras.values()))["projections_gbps"]) + " |",
+        "|---|---:|" + "---:|" * len(next(iter(extras.values()))["projections_gbps"]),
+    ]
+    for fmt in formats:
+        e = extras[fmt]
+        cells = " | ".join(f"{v:.1f} ({v / e['read_gbps']:.0%})" for v in e["projections_gbps"].values())
+        lines.append(f"| {fmt} | {e['read_gbps']:.1f} | {cells} |")
+    lines += ["", "Decode at batch > 1 (ours; aggregate tokens/s of the decode steps):", ""]
+    lines += ["| format | batch | dense | predicted | predicted / dense |", "|---|---:|---:|---:|---:|"]
+    for fmt in formats:
+        for batch, rates in extras[fmt]["batches"].items():
+            d, p = rates.get("dense"), rates.get("predicted")
+            lines.append(f"| {fmt} | {batch} | {d:.1f} | {p:.1f} | {_ratio(p, d)} |")
+    lines += ["", "Memory (ours; resident growth while loading each engine vs the bytes of its weights):", ""]
+    lines += ["| format | weights | resident | resident / weights |", "|---|---:|---:|---:|"]
+    for fmt in formats:
+        weights = sum(memory[fmt]["weight_bytes"].values())
+        resident = memory[fmt]["resident_bytes"]
+        lines.append(
+            f"| {fmt} | {weights / 2**30:.2f} GiB | {resident / 2**30:.2f} GiB | {resident / weights:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
