@@ -9,7 +9,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <numeric>
 #include <optional>
 #include <string_view>
 #include <vector>
@@ -57,16 +56,16 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   const cpu::Activations xa(x, format);
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const void* bp = bias.has_value() ? bc.const_data_ptr() : nullptr;
-  std::vector<int32_t> all(static_cast<size_t>(B));
-  std::iota(all.begin(), all.end(), 0);
   void* op = out.mutable_data_ptr();
   cpu::parallel_chunks(k, /*chunk=*/16, [&](int64_t begin, int64_t end) {
-    std::vector<float> res(static_cast<size_t>(B));
-    for (int64_t i = begin; i < end; ++i) {
-      const float b = bp == nullptr ? 0.f : load_as_float(bp, i, type);
-      xa.dots(w.row(i), i + 1 < end ? w.row(i + 1) : nullptr, all.data(), static_cast<int>(B),
-              res.data());
-      for (int64_t r = 0; r < B; ++r) store_float(op, r * k + i, res[r] + b, type);
+    const int64_t n = end - begin;
+    std::vector<float> res(static_cast<size_t>(B * n));  // (B, n)
+    xa.gemv(w, begin, end, res.data());
+    for (int64_t r = 0; r < B; ++r) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float b = bp == nullptr ? 0.f : load_as_float(bp, i, type);
+        store_float(op, r * k + i, res[r * n + i - begin] + b, type);
+      }
     }
   });
   return out;

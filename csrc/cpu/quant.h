@@ -90,6 +90,11 @@ struct QuantKernels {
                 const float* const* coefs, const int32_t* rows, int nrows, float* buf, int64_t ldb,
                 int64_t nblk);
   QuantizeRowFn quantize_x;  // the activations these kernels take
+  // dots_i8 over nw consecutive weight rows (row_bytes apart), out[r * ldo + i] for row i and x row
+  // r: a dense GEMV/GEMM in one call, so short rows (a predictor's) do not pay a dispatch each.
+  void (*gemv_i8)(const uint8_t* w, int64_t row_bytes, int64_t nw, const int8_t* const* xq,
+                  const float* const* xs, const int32_t* const* xsum, int nrows, int64_t nblk,
+                  float* out, int64_t ldo);
 };
 
 QuantKernels scalar_quant_kernels(QuantFormat f);

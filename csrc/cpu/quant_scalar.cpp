@@ -263,6 +263,17 @@ void dots_i8(const uint8_t* w, const uint8_t* next, const int8_t* const* xq, con
 }
 
 template <QuantFormat F>
+void gemv_i8(const uint8_t* w, int64_t row_bytes, int64_t nw, const int8_t* const* xq,
+             const float* const* xs, const int32_t* const* xsum, int nrows, int64_t nblk,
+             float* out, int64_t ldo) {
+  float res[kMaxQDotRows];
+  for (int64_t i = 0; i < nw; ++i) {
+    dots_i8<F>(w + i * row_bytes, nullptr, xq, xs, xsum, nrows, nblk, res);
+    for (int r = 0; r < nrows; ++r) out[r * ldo + i] = res[r];
+  }
+}
+
+template <QuantFormat F>
 void axpys(const uint8_t* const* ws, int nw, const uint8_t* const*, const float* const* coefs,
            const int32_t* rows, int nrows, float* buf, int64_t ldb, int64_t nblk) {
   constexpr int64_t bb = block_bytes(F);
@@ -288,9 +299,11 @@ void axpys(const uint8_t* const* ws, int nw, const uint8_t* const*, const float*
 QuantKernels scalar_quant_kernels(QuantFormat f) {
   if (f == QuantFormat::kQ8_0)
     return QuantKernels{&dots<QuantFormat::kQ8_0>, &dots_i8<QuantFormat::kQ8_0>,
-                        &axpys<QuantFormat::kQ8_0>, &quantize_activations_scalar};
+                        &axpys<QuantFormat::kQ8_0>, &quantize_activations_scalar,
+                        &gemv_i8<QuantFormat::kQ8_0>};
   return QuantKernels{&dots<QuantFormat::kQ4_0>, &dots_i8<QuantFormat::kQ4_0>,
-                      &axpys<QuantFormat::kQ4_0>, &quantize_activations_scalar};
+                      &axpys<QuantFormat::kQ4_0>, &quantize_activations_scalar,
+                      &gemv_i8<QuantFormat::kQ4_0>};
 }
 
 }  // namespace cpu

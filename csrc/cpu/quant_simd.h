@@ -188,13 +188,15 @@ void qdots_i8(const uint8_t* w, const uint8_t* next, const int8_t* const* xq,
   }
 }
 
-// dst[0..32) += a * q (the block's 32 signed values), as four 8-lane fused multiply-adds.
-inline void axpy_block(__m256i q, __m256 a, float* dst) {
-  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-  for (int j = 0; j < 4; ++j) {
-    const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[j]));
-    _mm256_storeu_ps(dst + 8 * j, _mm256_fmadd_ps(a, v, _mm256_loadu_ps(dst + 8 * j)));
+template <class P, QuantFormat F>
+void qgemv_i8(const uint8_t* w, int64_t row_bytes, int64_t nw, const int8_t* const* xq,
+              const float* const* xs, const int32_t* const* xsum, int nrows, int64_t nblk,
+              float* out, int64_t ldo) {
+  float res[kMaxQDotRows];
+  for (int64_t i = 0; i < nw; ++i) {
+    const uint8_t* next = i + 1 < nw ? w + (i + 1) * row_bytes : nullptr;
+    qdots_i8<P, F>(w + i * row_bytes, next, xq, xs, xsum, nrows, nblk, res);
+    for (int r = 0; r < nrows; ++r) out[r * ldo + i] = res[r];
   }
 }
 
@@ -202,16 +204,29 @@ template <QuantFormat F, int kNw>
 void qaxpys_n(const uint8_t* const* ws, const uint8_t* const* nexts, const float* const* coefs,
               const int32_t* rows, int nrows, float* buf, int64_t ldb, int64_t nblk) {
   constexpr int64_t bb = block_bytes(F);
+  // Per output block the kNw rows' terms go into four registers, loaded and stored once (in
+  // ascending
+  // i, each one fused multiply-add: the order of the scalar kernel).
   for (int k = 0; k < nrows; ++k) {
     const int32_t r = rows[k];
     float* dst = buf + r * ldb;
     const bool fetch = k == 0 && nexts != nullptr;  // the first pass streams from memory
     for (int64_t b = 0; b < nblk; ++b) {
+      float* out = dst + b * kQK;
+      __m256 acc[4];
+      for (int j = 0; j < 4; ++j) acc[j] = _mm256_loadu_ps(out + 8 * j);
       for (int i = 0; i < kNw; ++i) {
         const uint8_t* blk = ws[i] + b * bb;
         if (fetch && nexts[i] != nullptr) prefetch_block<F>(nexts[i], b);
-        axpy_block(block_q<F>(blk), _mm256_set1_ps(coefs[i][r] * scale_of(blk)), dst + b * kQK);
+        const __m256i q = block_q<F>(blk);
+        const __m256 a = _mm256_set1_ps(coefs[i][r] * scale_of(blk));
+        const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int j = 0; j < 4; ++j) {
+          acc[j] = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[j])), acc[j]);
+        }
       }
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + 8 * j, acc[j]);
     }
   }
 }
@@ -279,10 +294,10 @@ template <class P>
 QuantKernels simd_quant_kernels(QuantFormat f) {
   if (f == QuantFormat::kQ8_0) {
     return QuantKernels{&qdots<P, QuantFormat::kQ8_0>, &qdots_i8<P, QuantFormat::kQ8_0>,
-                        &qaxpys<QuantFormat::kQ8_0>, &quantize_x};
+                        &qaxpys<QuantFormat::kQ8_0>, &quantize_x, &qgemv_i8<P, QuantFormat::kQ8_0>};
   }
   return QuantKernels{&qdots<P, QuantFormat::kQ4_0>, &qdots_i8<P, QuantFormat::kQ4_0>,
-                      &qaxpys<QuantFormat::kQ4_0>, &quantize_x};
+                      &qaxpys<QuantFormat::kQ4_0>, &quantize_x, &qgemv_i8<P, QuantFormat::kQ4_0>};
 }
 
 }  // namespace

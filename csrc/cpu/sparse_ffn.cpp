@@ -114,7 +114,12 @@ at::Tensor sparse_ffn_cpu(const at::Tensor& x, const at::Tensor& w_in_t,
   std::vector<float> h(static_cast<size_t>(n * B));  // (n, B): one neuron's batch values together
 
   // Phase 1: h.
+  constexpr int64_t kLookahead = 2;
   cpu::parallel_chunks(n, /*chunk=*/16, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < std::min(end, begin + kLookahead); ++j) {
+      cpu::prefetch_row(w_in.row(idx[j]), w_in.row_bytes);
+      if (w_up.has_value()) cpu::prefetch_row(w_up->row(idx[j]), w_up->row_bytes);
+    }
     std::vector<int32_t> rows(B);
     std::vector<float> z(B), up(B);
     for (int64_t j = begin; j < end; ++j) {
@@ -125,9 +130,15 @@ at::Tensor sparse_ffn_cpu(const at::Tensor& x, const at::Tensor& w_in_t,
         hj[b] = 0.f;
         if (mask == nullptr || mask[b * m + a]) rows[nrows++] = static_cast<int32_t>(b);
       }
-      // The row read next (W_up's, else the next neuron's W_in) is prefetched meanwhile.
-      const char* next_in = j + 1 < n ? w_in.row(idx[j + 1]) : nullptr;
-      xa.dots(w_in.row(a), w_up.has_value() ? w_up->row(a) : next_in, rows.data(), nrows, z.data());
+      // Scattered rows: the rows of the neuron kLookahead places on are requested now, so that they
+      // are on their way while this one computes (one row ahead was not enough to hide the
+      // latency).
+      if (j + kLookahead < end) {
+        const int64_t ahead = idx[j + kLookahead];
+        cpu::prefetch_row(w_in.row(ahead), w_in.row_bytes);
+        if (w_up.has_value()) cpu::prefetch_row(w_up->row(ahead), w_up->row_bytes);
+      }
+      xa.dots(w_in.row(a), nullptr, rows.data(), nrows, z.data());
       int kept = 0;
       for (int r = 0; r < nrows; ++r) {
         const float g = activate(act, z[r], thr);
@@ -139,7 +150,7 @@ at::Tensor sparse_ffn_cpu(const at::Tensor& x, const at::Tensor& w_in_t,
         }
       }
       if (!w_up.has_value() || kept == 0) continue;
-      xa.dots(w_up->row(a), next_in, rows.data(), kept, up.data());
+      xa.dots(w_up->row(a), nullptr, rows.data(), kept, up.data());
       for (int r = 0; r < kept; ++r) {
         const float u = act == Activation::kDRelu ? (up[r] > 0.f ? up[r] : 0.f) : up[r];
         hj[rows[r]] = z[r] * u;

@@ -1,6 +1,7 @@
 #include "weights.h"
 
 #include <string>
+#include <vector>
 
 namespace sparseinfer {
 namespace cpu {
@@ -104,6 +105,34 @@ void Activations::dots(const char* w_row, const char* next, const int32_t* rows,
     for (int r = 0; r < nr; ++r) xs[r] = xp + rows[r0 + r] * d_;
     const bool last = r0 + nr >= count;
     rk_.dots(w_row, last ? next : nullptr, xs, nr, d_, res + r0);
+  }
+}
+
+void Activations::gemv(const WeightMatrix& w, int64_t begin, int64_t end, float* out) const {
+  const int64_t n = end - begin, B = x32_.size(0);
+  if (format_.has_value() && format_->interleaved) {
+    const int8_t* xq[kMaxQDotRows];
+    const float* xs[kMaxQDotRows];
+    const int32_t* xsum[kMaxQDotRows];
+    for (int64_t r0 = 0; r0 < B; r0 += kMaxQDotRows) {
+      const int nr = static_cast<int>(std::min<int64_t>(kMaxQDotRows, B - r0));
+      for (int r = 0; r < nr; ++r) {
+        xq[r] = xq_.q_of(r0 + r);
+        xs[r] = xq_.scale_of(r0 + r);
+        xsum[r] = xq_.sum_of(r0 + r);
+      }
+      qk_.gemv_i8(reinterpret_cast<const uint8_t*>(w.row(begin)), w.row_bytes, n, xq, xs, xsum, nr,
+                  xq_.nblk, out + r0 * n, n);
+    }
+    return;
+  }
+  std::vector<int32_t> all(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) all[b] = static_cast<int32_t>(b);
+  std::vector<float> res(static_cast<size_t>(B));
+  for (int64_t i = begin; i < end; ++i) {
+    dots(w.row(i), i + 1 < end ? w.row(i + 1) : nullptr, all.data(), static_cast<int>(B),
+         res.data());
+    for (int64_t b = 0; b < B; ++b) out[b * n + i - begin] = res[b];
   }
 }
 

@@ -49,6 +49,10 @@ class Activations {
   Activations(const at::Tensor& x, std::optional<WeightFormat> format);
   // res[k] = w_row . x[rows[k]] for k < count.
   void dots(const char* w_row, const char* next, const int32_t* rows, int count, float* res) const;
+  // out[b * (end - begin) + i - begin] = w.row(i) . x[b] for every row b of x, begin <= i < end: a
+  // dense GEMV/GEMM over consecutive rows (interleaved quantized rows in one kernel call per 4 rows
+  // of x).
+  void gemv(const WeightMatrix& w, int64_t begin, int64_t end, float* out) const;
   // buf[rows[k] * ldb + c] += sum_i coefs[i][rows[k]] * ws[i][c], c < len, over nw <= 4 row
   // segments.
   void axpys(const char* const* ws, int nw, const char* const* nexts, const float* const* coefs,
@@ -63,6 +67,11 @@ class Activations {
   QuantKernels qk_{};
   QuantizedRows xq_;
 };
+
+// Requests every cache line of a row (into L1): for rows read out of order, ahead of their turn.
+inline void prefetch_row(const char* row, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
+}
 
 // Runs fn(begin, end) over [0, count) in chunks of `chunk`, handed out from a shared counter
 // instead of one even split per thread: where cores are shared (other processes, the engine's own

@@ -68,7 +68,8 @@ def test_dense_perplexity_equals_the_study_tools(bench):
     # Dense rows through the executors sum the down projection over the tier's W_out^T rows (a CPU tier
     # keeps no second copy of it), so they equal the plain model up to summation order in bf16.
     assert rows["dense"]["perplexity"] == pytest.approx(expected, rel=1e-3)
-    assert f"| dense | {rows['dense']['decode_tokens_per_s']:.1f} | {rows['dense']['perplexity']:.3f} |" in table
+    dense = rows["dense"]
+    assert f"| dense | {dense['decode_tokens_per_s']:.1f} | {dense['perplexity']:.3f} |" in table
 
 
 def test_sparse_perplexities_match_the_truncated_model(bench):

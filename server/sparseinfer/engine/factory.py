@@ -84,4 +84,9 @@ def load_engine(model_dir: str | Path, config: EngineConfig, tokenizer: Tokenize
         # Every projection the runtime did not take over (attention, lm_head; the FFN of a dense model):
         # the float weights go with the replaced modules, so a memory-mapped checkpoint is unmapped.
         quantize_linears(model, config.weights, sparse.hugepages)
+        # What stays unquantized (the embedding table, the norms) is copied out of the checkpoint's
+        # mapping, so that nothing holds the mapping and the pages quantizing touched leave memory.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.clone()
     return Engine(model, tokenizer, max_batch=config.max_batch, max_seq=max_seq, sparsity=runtime)
