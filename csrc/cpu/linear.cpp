@@ -57,7 +57,15 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const void* bp = bias.has_value() ? bc.const_data_ptr() : nullptr;
   void* op = out.mutable_data_ptr();
-  cpu::parallel_chunks(k, /*chunk=*/16, [&](int64_t begin, int64_t end) {
+  // Chunks of at least 64 rows and 256 KiB: measured at batch 1 on 2 cores, 16-row chunks streamed
+  // 4096 x 4096 Q4_0 rows at 18 GB/s against 22 at 64 and more, and rows of a few hundred bytes (a
+  // predictor's second layer) twice as fast in 256 KiB chunks; a quarter of the rows per thread at
+  // most keeps the dynamic hand-out's balance.
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t chunk = std::max<int64_t>(
+      1, std::min(std::max<int64_t>(64, (256 << 10) / std::max<int64_t>(w.row_bytes, 1)),
+                  (k + 4 * threads - 1) / (4 * threads)));
+  cpu::parallel_chunks(k, chunk, [&](int64_t begin, int64_t end) {
     const int64_t n = end - begin;
     std::vector<float> res(static_cast<size_t>(B * n));  // (B, n)
     xa.gemv(w, begin, end, res.data());
