@@ -85,7 +85,7 @@ def test_runtime_places_by_the_sidecar_profile(calibrated_checkpoint, load_calib
     runtime = SparseRuntime.from_checkpoint(model, calibrated_checkpoint, config, max_batch=2, max_seq=64)
     p = runtime.placement
     assert p is not None and sum(h.numel() for h in p.hot) == k
-    assert runtime.crossover == 0.5  # the measured fp32 default (engine.hybrid.CROSSOVER_BY_DTYPE)
+    assert runtime.crossover == 1.0  # engine.hybrid.DEFAULT_CROSSOVER: a CPU tier never falls back
     freq = sidecar.tensors["profile.frequency"]
     chosen = torch.zeros_like(freq, dtype=torch.bool)
     for li, ids in enumerate(p.hot):

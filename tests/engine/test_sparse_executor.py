@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sparseinfer.bench.decode import ranked_unions
 from sparseinfer.engine.hybrid import TieredFFN, make_tier
 from sparseinfer.engine.sparse_ffn import LayerPredictor, SparseFFN
 from sparseinfer.model.ffn import activation_fn
@@ -179,3 +180,35 @@ def test_predictor_threshold_moves_to_the_logit_scale(t):
     if 0.01 <= t <= 0.99:  # where float32's sigmoid is fine-grained, within rounding of the exact logit
         assert abs(p.threshold - math.log(t / (1 - t))) < 1e-6 * max(1.0, abs(math.log(t / (1 - t))))
     assert LayerPredictor(*[torch.zeros(1)] * 4, 0.0, None).threshold == float("-inf")
+
+
+# The unions `bench decode` times for its dense-fallback crossover: the firing neurons first, as a predictor
+# ranks them (random unions of a FATReLU layer are mostly neurons the kernel skips).
+def test_unions_take_the_strongest_neurons_first_and_rows_keep_their_own():
+    w_in, w_up, w_out = weights(gated=True)
+    ffn = tiered(w_in, w_up, w_out, "fatrelu", hot_ids=torch.arange(0, M, 3))  # two tiers
+    x = torch.randn(3, w_in.shape[1], generator=torch.Generator().manual_seed(1))
+    h = torch.nn.functional.threshold(x @ w_in.t(), 0.05, 0.0) * (x @ w_up.t())  # (3, M), FATReLU's h
+    fires = h != 0
+    strength = h.abs().amax(0)
+    cases = ranked_unions(ffn, x, (0.1, 0.5, 1.0))
+    for q, (union, mask) in zip((0.1, 0.5, 1.0), cases, strict=True):
+        assert union.dtype == torch.int32 and union.numel() == round(q * M)
+        assert torch.equal(union, union.sort().values)
+        outside = torch.ones(M, dtype=torch.bool)
+        outside[union.long()] = False
+        if outside.any():  # every chosen neuron is at least as strong as every one left out
+            assert strength[union.long()].min() >= strength[outside].max()
+        assert torch.equal(mask[:, union.long()], fires[:, union.long()]) and not mask[:, outside].any()
+        # The timed step computes the FFN of exactly those neurons, per row.
+        got = ffn.forward(x, union, mask, 1.0)
+        torch.testing.assert_close(
+            got, dense_masked(x, w_in, w_up, w_out, mask, "fatrelu"), rtol=1e-4, atol=1e-5
+        )
+
+
+def test_one_row_has_no_mask():
+    w_in, w_up, w_out = weights(gated=False)
+    ffn = tiered(w_in, w_up, w_out, "relu2")
+    [(union, mask)] = ranked_unions(ffn, torch.randn(1, w_in.shape[1]), (0.25,))
+    assert mask is None and union.numel() == round(0.25 * M)

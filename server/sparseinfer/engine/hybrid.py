@@ -25,21 +25,12 @@ from sparseinfer.model.linear import linear
 from sparseinfer.model.quant import dot_layout, quantizable, quantize_for_dots
 from sparseinfer.sparsity.neurons import active_mask
 
-# Union density above which a layer runs the dense GEMMs instead of the sparse kernels, per weight dtype
-# (``SparsityConfig.crossover`` overrides it; set what the deployment's own machine measures). Measured on the
-# 2-core AMD EPYC dev machine, 2026-11-28, LLaMA-7B FFN shape, compiled CPU kernels:
-# - benchmarks/results/kernels.md (`bench kernels`): crossover 50% for fp32 at batch 1, 100% for bf16 at
-#   batch 1, and "sparse always faster" at batch 4 and 16 in both dtypes;
-# - benchmarks/results/decode.md and a batch sweep here: in bf16 the kernel beat torch's dense FFN at every
-#   density 5-100% for batch 1-512 (100%, batch 1: 18.5 vs 33.6 ms), torch's CPU bf16 GEMM being slow.
-# So: fp32 falls back above 50% (the batch-1 decode case, which matters most), 16-bit dtypes never. These
-# runs shared the machine with other jobs (load 5-12 on 2 cores); a GPU needs its own figures.
-CROSSOVER_BY_DTYPE = {torch.float32: 0.5, torch.bfloat16: 1.0, torch.float16: 1.0}
-DEFAULT_CROSSOVER = 1.0  # for a dtype not in the table
-
-
-def default_crossover(dtype: torch.dtype) -> float:
-    return CROSSOVER_BY_DTYPE.get(dtype, DEFAULT_CROSSOVER)
+# Union density above which a layer runs its dense path instead of the sparse kernels
+# (``SparsityConfig.crossover`` overrides it). 1.0, never: a CPU tier's dense path IS the sparse kernel over
+# every row, so falling back can only read more rows. (The fp32 fallback at 50% that stood here compared the
+# kernel with torch's dense GEMMs, a dense path CPU tiers no longer take; see benchmarks/results/README.md for
+# what the old crossover tables measured.) A GPU tier's dense path is cuBLAS; its crossover is unmeasured.
+DEFAULT_CROSSOVER = 1.0
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from sparseinfer.engine.errors import InvalidRequest
-from sparseinfer.engine.hybrid import TieredFFN, default_crossover, make_tier
+from sparseinfer.engine.hybrid import DEFAULT_CROSSOVER, TieredFFN, make_tier
 from sparseinfer.engine.placement import Placement, dense_bytes, neuron_bytes, plan_placement
 from sparseinfer.engine.sparse_ffn import LayerPredictor, SparseFFN
 from sparseinfer.model.quant import validate_weights
@@ -51,7 +51,7 @@ def validate_mode(mode: str, name: str = "sparsity mode") -> SparsityMode:
 class SparsityConfig:
     mode: str = SparsityMode.DENSE  # the default mode of requests that do not choose one
     gpu_memory: int | None = None  # bytes for the fast device; None: no placement (one tier, model's device)
-    crossover: float | None = None  # union density above which a layer runs dense (None: measured default)
+    crossover: float | None = None  # union density above which a layer runs dense (None: hybrid's default)
     measure_truth: bool = False  # predicted/dense rows also compute the true active set (costs a dense FFN)
     sidecar_dir: Path | None = None  # where the sidecar is (default: the checkpoint directory)
     hugepages: bool = True  # copy CPU tiers and predictors into huge pages (engine.hugepages)
@@ -102,7 +102,7 @@ class SparseRuntime:
         self.neuron_bytes = (neuron_bytes(model, weights),) * L
         self._sections = {"calibration": thresholds is not None, "predictor": predictors is not None}
         self.check_mode(config.mode)
-        crossover = config.crossover if config.crossover is not None else default_crossover(model.dtype)
+        crossover = config.crossover if config.crossover is not None else DEFAULT_CROSSOVER
         self.crossover = crossover  # every layer's (see SparseFFN.crossover)
         default_mode = SparsityMode(config.mode)
         out_device = placement.dense_device if placement is not None else model.device
