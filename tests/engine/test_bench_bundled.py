@@ -111,3 +111,25 @@ def test_bad_arguments_are_refused(tmp_path):
     assert main([*base, "--modes", "sparse"]) == 2
     assert main([*base, "--new-tokens", "1"]) == 2
     assert main(["bench", "bundled", "--text", str(tmp_path / "missing.txt")]) == 2
+
+
+def test_quantized_formats_keep_perplexity_and_recall(tmp_path):
+    # --weights loads one engine per format: a q4_0 model is the same model to within its rounding, so its
+    # perplexity stays near the checkpoint's and the predictor (quantized too) still finds the active sets.
+    text = tmp_path / "genesis.txt"
+    text.write_text(KJV)
+    argv = ["bench", "bundled", "--text", str(text), "--tokens", str(TOKENS), "--seq-len", str(SEQ_LEN)]
+    argv += ["--prompt-tokens", "8", "--new-tokens", "4", "--rounds", "1", "--results", str(tmp_path)]
+    argv += ["--weights", "checkpoint", "q4_0", "--modes", "dense", "predicted"]
+    assert main(argv) == 0
+    rows = {(r["weights"], r["mode"]): r for r in json.loads((tmp_path / "bundled.json").read_text())["rows"]}
+    assert set(rows) == {(w, m) for w in ("checkpoint", "q4_0") for m in ("dense", "predicted")}
+    base, q4 = rows["checkpoint", "dense"]["perplexity"], rows["q4_0", "dense"]["perplexity"]
+    assert q4 != base  # the quantized engine really ran on other weights
+    assert q4 == pytest.approx(base, rel=0.05)
+    for fmt in ("checkpoint", "q4_0"):
+        assert rows[fmt, "dense"]["recall"] is None
+        assert 0.9 < rows[fmt, "predicted"]["recall"] <= 1.0
+    recall = rows["checkpoint", "predicted"]["recall"]
+    assert rows["q4_0", "predicted"]["recall"] == pytest.approx(recall, abs=0.03)
+    assert "| q4_0 | predicted |" in (tmp_path / "bundled.md").read_text()

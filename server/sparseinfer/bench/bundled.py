@@ -1,4 +1,5 @@
-"""``sparseinfer bench bundled``: the shipped ReLU² model in each sparsity mode: decode tok/s and perplexity.
+"""``sparseinfer bench bundled``: the shipped ReLU² model in each sparsity mode and weight format: decode
+tok/s, perplexity, and the predictor's recall.
 
 Model: ``model.bundled.bundled_model_path()`` (or ``--model DIR``), loaded once with the engine's
 ``SparseRuntime`` installed from its sidecar, so every mode runs through the same executors the server uses
@@ -13,7 +14,11 @@ over rounds; round 0 warms up and is not counted. The computed share is the deco
 Perplexity: ``sparsity.perplexity.perplexity`` on ``--text`` (the training corpus's validation split is not
 shipped, so the held-out text is an argument) cut into windows of ``--seq-len`` tokens, with the runtime's
 step context set around each forward so every row runs the mode under test and its counts are tallied (the
-computed share over the scored text).
+computed share over the scored text). In predicted mode the perplexity pass also measures the true active
+sets (``measure_truth``), so the table gives the predictor's recall (mean over layers) in each format.
+
+Weight formats: ``--weights checkpoint q8_0 q4_0`` loads one engine per format (quantized at load, as
+``serve --weights`` does) and measures every mode in each, one format after another.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ import torch
 from sparseinfer.bench.machine import cpu_model
 from sparseinfer.engine.accounting import SparsityReport, SparsityTally
 from sparseinfer.engine.modes import SparseRuntime, validate_mode
-from sparseinfer.model.step import MODES
+from sparseinfer.model.quant import validate_weights
+from sparseinfer.model.step import MODES, SparsityMode
 from sparseinfer.model.transformer import Transformer
 
 
@@ -50,6 +56,7 @@ class BundledBenchConfig:
     rounds: int = 5
     threads: int | None = None
     modes: tuple[str, ...] = MODES
+    weights: tuple[str, ...] = ("checkpoint",)  # engine weight formats (EngineConfig.weights)
 
     def validate(self) -> None:
         for name in ("tokens", "batch_size", "prompt_tokens", "new_tokens", "rounds"):
@@ -63,6 +70,10 @@ class BundledBenchConfig:
             raise ValueError("--modes must name at least one mode")
         for mode in self.modes:
             validate_mode(mode, "--modes")
+        if not self.weights:
+            raise ValueError("--weights must name at least one format")
+        for fmt in self.weights:
+            validate_weights(fmt)
 
 
 def _tally(runtime: SparseRuntime, mode: str) -> SparsityTally:
@@ -97,14 +108,31 @@ def mode_forwards(model: Transformer, runtime: SparseRuntime, mode: str) -> Iter
 
 
 def mode_perplexity(
-    model: Transformer, runtime: SparseRuntime, sequences: torch.Tensor, mode: str, batch_size: int
+    model: Transformer,
+    runtime: SparseRuntime,
+    sequences: torch.Tensor,
+    mode: str,
+    batch_size: int,
+    measure_truth: bool = False,
 ) -> tuple[float, SparsityReport]:
-    """``perplexity`` of ``sequences`` (N, T) with every FFN running ``mode``; and what it computed."""
+    """``perplexity`` of ``sequences`` (N, T) with every FFN running ``mode``; and what it computed
+    (with each layer's recall when ``measure_truth``: the true active sets are computed beside)."""
     from sparseinfer.sparsity.perplexity import perplexity
 
-    with torch.inference_mode(), mode_forwards(model, runtime, mode) as tally:
-        ppl = perplexity(model, sequences, batch_size=batch_size, progress=False, desc=mode)
+    before = runtime.measure_truth
+    runtime.measure_truth = measure_truth
+    try:
+        with torch.inference_mode(), mode_forwards(model, runtime, mode) as tally:
+            ppl = perplexity(model, sequences, batch_size=batch_size, progress=False, desc=mode)
+    finally:
+        runtime.measure_truth = before
     return ppl, tally.report()
+
+
+def mean_recall(report: SparsityReport) -> float | None:
+    """The mean over layers of the measured recall; None when nothing was measured."""
+    recalls = [layer.recall for layer in report.layers if layer.recall is not None]
+    return statistics.fmean(recalls) if recalls else None
 
 
 def measure_decode(
@@ -149,41 +177,50 @@ def run_bundled_bench(config: BundledBenchConfig, out: TextIO) -> dict[str, Any]
     seqs = load_text_tokens(tok, config.text, config.tokens, config.seq_len, min_tokens=config.seq_len)
     prompt = seqs.flatten()[: config.prompt_tokens].tolist()
     max_seq = config.prompt_tokens + config.new_tokens
-    generator = load_engine(path, EngineConfig(max_seq=max_seq, per_request_modes=True), tok)
-    model, runtime = generator.model, generator.sparsity
-    if max_seq > model.config.max_position_embeddings:
-        raise ValueError(
-            f"--prompt-tokens + --new-tokens = {max_seq} exceeds the model's context "
-            f"{model.config.max_position_embeddings}"
-        )
-    if runtime is None:
-        raise ValueError(f"{path}: no sparsity sidecar; `bench bundled` compares the sparse modes")
-    for mode in config.modes:
-        runtime.check_mode(mode)  # a missing sidecar section fails before anything is measured
-    out.write(f"decode: {len(prompt)}-token prompt, {config.new_tokens} new tokens, {config.rounds} rounds\n")
-    decode = measure_decode(generator, prompt, config.modes, config.new_tokens, config.rounds, out)
     rows = []
-    for mode in config.modes:
-        ppl, report = mode_perplexity(model, runtime, seqs, mode, config.batch_size)
-        out.write(f"perplexity ({mode}): {ppl:.3f}\n")
-        rows.append(
-            {
-                "mode": mode,
-                "decode_tokens_per_s": statistics.median(decode["rates"][mode]),
-                "all_rounds": decode["rates"][mode],
-                "decode_computed_share": decode["computed_share"][mode],
-                "perplexity": ppl,
-                "perplexity_computed_share": report.computed_share,
-                "perplexity_tokens": report.tokens,
-            }
+    for fmt in config.weights:
+        engine = load_engine(path, EngineConfig(max_seq=max_seq, per_request_modes=True, weights=fmt), tok)
+        model, runtime = engine.model, engine.sparsity
+        if max_seq > model.config.max_position_embeddings:
+            raise ValueError(
+                f"--prompt-tokens + --new-tokens = {max_seq} exceeds the model's context "
+                f"{model.config.max_position_embeddings}"
+            )
+        if runtime is None:
+            raise ValueError(f"{path}: no sparsity sidecar; `bench bundled` compares the sparse modes")
+        for mode in config.modes:
+            runtime.check_mode(mode)  # a missing sidecar section fails before anything is measured
+        out.write(
+            f"{fmt}: decode of a {len(prompt)}-token prompt, {config.new_tokens} new tokens, "
+            f"{config.rounds} rounds\n"
         )
+        decode = measure_decode(engine, prompt, config.modes, config.new_tokens, config.rounds, out)
+        for mode in config.modes:
+            predicted = mode == SparsityMode.PREDICTED
+            ppl, report = mode_perplexity(model, runtime, seqs, mode, config.batch_size, predicted)
+            out.write(f"{fmt}: perplexity ({mode}) {ppl:.3f}\n")
+            rows.append(
+                {
+                    "weights": fmt,
+                    "mode": mode,
+                    "decode_tokens_per_s": statistics.median(decode["rates"][mode]),
+                    "all_rounds": decode["rates"][mode],
+                    "decode_computed_share": decode["computed_share"][mode],
+                    "perplexity": ppl,
+                    "perplexity_computed_share": report.computed_share,
+                    "perplexity_tokens": report.tokens,
+                    "recall": mean_recall(report) if predicted else None,
+                }
+            )
+        dtype = str(model.dtype).removeprefix("torch.")
+        del engine, model, runtime
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "model": str(path),
-        "dtype": str(model.dtype).removeprefix("torch."),
+        "dtype": dtype,  # of the activations and unquantized weights; the format is per row
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "perplexity_sequences": list(seqs.shape),
         "text_sha256": text_sha256(config.text),
@@ -196,7 +233,7 @@ def format_table(result: dict[str, Any]) -> str:
     c = meta["config"]
     n, t = meta["perplexity_sequences"]
     lines = [
-        "# Bundled ReLU² model: decode tokens/s and perplexity per sparsity mode",
+        "# Bundled ReLU² model: decode tokens/s and perplexity per sparsity mode and weight format",
         "",
         f"{meta['date']} · torch {meta['torch']} · {meta['cpu']} · {meta['threads']} threads · "
         f"{meta['dtype']} · {meta['model']}",
@@ -205,15 +242,20 @@ def format_table(result: dict[str, Any]) -> str:
         f"median over {c['rounds']} interleaved rounds. Perplexity: {n} windows × {t} tokens of "
         f"{c['text']} (sha256 {meta['text_sha256'][:12]}…), run with the engine's sparse executors in "
         "the given mode. Computed share: FFN neurons computed / a dense FFN's (decode steps; the "
-        "perplexity pass).",
+        "perplexity pass). Recall (predicted mode): truly active neurons the predictor selected / truly "
+        "active neurons, mean over layers, over the perplexity pass. Weights: `checkpoint` is the "
+        "checkpoint's own dtype; q8_0 / q4_0 are quantized at load (`--weights`).",
         "",
-        "| mode | decode tok/s | perplexity | computed share (decode) | computed share (perplexity) |",
-        "|---|---:|---:|---:|---:|",
+        "| weights | mode | decode tok/s | perplexity | computed share (decode) | "
+        "computed share (perplexity) | predictor recall |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        recall = row.get("recall")
         lines.append(
-            f"| {row['mode']} | {row['decode_tokens_per_s']:.1f} | {row['perplexity']:.3f} | "
-            f"{row['decode_computed_share']:.1%} | {row['perplexity_computed_share']:.1%} |"
+            f"| {row.get('weights', 'checkpoint')} | {row['mode']} | {row['decode_tokens_per_s']:.1f} | "
+            f"{row['perplexity']:.3f} | {row['decode_computed_share']:.1%} | "
+            f"{row['perplexity_computed_share']:.1%} | {'—' if recall is None else f'{recall:.1%}'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -239,6 +281,13 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--modes", nargs="+", default=list(d.modes), metavar="MODE", help=" | ".join(MODES))
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        default=list(d.weights),
+        metavar="FORMAT",
+        help="weight formats, one engine each (checkpoint | q8_0 | q4_0; default: %(default)s)",
+    )
     p.add_argument("--results", type=Path, default=None, help="write bundled.json and bundled.md into DIR")
     p.set_defaults(run=_run)
 
@@ -255,6 +304,7 @@ def _run(args: argparse.Namespace, env: object) -> None:
         rounds=args.rounds,
         threads=args.threads,
         modes=tuple(args.modes),
+        weights=tuple(args.weights),
     )
     result = run_bundled_bench(config, sys.stderr)
     sys.stdout.write(format_table(result) + "\n" + json.dumps(result, indent=2) + "\n")

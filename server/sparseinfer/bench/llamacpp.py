@@ -71,6 +71,29 @@ class LlamaCppBenchConfig:
         )
 
 
+def silu_twin(path: Path) -> Path:
+    """A checkpoint beside ``path`` with the same weights (linked) and SiLU for FATReLU, no sidecar: our dense
+    decode with no exact zeros to skip, every FFN row read, which is what llama.cpp computes (its converter
+    maps the model to SiLU). ``path``'s own dense mode skips the up and down rows of zero gates."""
+    twin = path.with_name(path.name + "-silu")
+    twin.mkdir(exist_ok=True)
+    config = json.loads((path / "config.json").read_text())
+    config["hidden_act"] = "silu"
+    config.pop("hidden_act_param", None)  # FATReLU's threshold
+    (twin / "config.json").write_text(json.dumps(config, indent=2))
+    for f in path.iterdir():
+        if f.name in (
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ):
+            link = twin / f.name
+            if not link.exists():
+                link.symlink_to(f.resolve())
+    return twin
+
+
 def _prompt(n: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return [0, *torch.randint(2, SHAPE["vocab"], (n - 1,), generator=g).tolist()]
@@ -90,7 +113,8 @@ def run_llamacpp_bench(config: LlamaCppBenchConfig, out: TextIO) -> dict[str, An
     for fmt in config.formats:
         if fmt in LLAMA:
             gguf[fmt] = tools.quantize(gguf["bf16"], path / f"model-{LLAMA[fmt]}.gguf", LLAMA[fmt], out)
-    engines, memory = {}, {}
+    silu = silu_twin(path)
+    engines, silu_engines, memory = {}, {}, {}
     for fmt in config.formats:  # one at a time, so each one's resident memory is its own
         before = em.resident_bytes()
         engine_config = EngineConfig(
@@ -102,8 +126,13 @@ def run_llamacpp_bench(config: LlamaCppBenchConfig, out: TextIO) -> dict[str, An
         )
         engines[fmt] = load_engine(path, engine_config)
         parts = em.weight_bytes(engines[fmt])
-        memory[fmt] = {"resident_bytes": em.resident_bytes() - before, "weight_bytes": parts}
+        memory[fmt] = {
+            "resident_bytes": em.resident_bytes() - before,
+            "weight_bytes": parts,
+            "kv_cache_bytes": engines[fmt].cache.nbytes(),
+        }
         out.write(f"loaded ours, {fmt}: {sum(parts.values()) / 2**30:.2f} GiB of weights\n")
+        silu_engines[fmt] = load_engine(silu, EngineConfig(max_seq=engine_config.max_seq, weights=OURS[fmt]))
     buf = to_hugepages(torch.ones(1 << 28))  # 1 GiB
     decode_prompt = _prompt(config.decode_prompt_tokens, config.seed + 1)
     prefill_prompt = _prompt(config.prompt_tokens, config.seed + 2)
@@ -128,7 +157,11 @@ def run_llamacpp_bench(config: LlamaCppBenchConfig, out: TextIO) -> dict[str, An
                     add(f"ours/{fmt}/{mode}/decode", rate)
                     add(f"ours/{fmt}/{mode}/prefill", prefill)
                     reports[f"{fmt}/{mode}"] = report
+            rate, _ = em.decode_rate(silu_engines[fmt], decode_prompt, "dense", config.new_tokens)
+            prefill = em.prefill_rate(silu_engines[fmt], prefill_prompt, "dense")
             if keep:
+                add(f"ours/{fmt}/dense-silu/decode", rate)
+                add(f"ours/{fmt}/dense-silu/prefill", prefill)
                 add(f"llama.cpp/{fmt}/decode", tg)
                 add(f"llama.cpp/{fmt}/prefill", pp)
         if keep:

@@ -13,6 +13,19 @@ def _median(result: dict[str, Any], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _f(value: float | None, digits: int) -> str:
+    """A figure, or a dash where the run did not measure it (older results have no SiLU twin)."""
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _gib(nbytes: int | None) -> str:
+    return "—" if not nbytes else f"{nbytes / 2**30:.2f} GiB"
+
+
+def _x(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×" if a and b else "—"
 
@@ -45,43 +58,59 @@ def format_table(result: dict[str, Any]) -> str:
         f"(`--weights`). Medians of {c['rounds']} interleaved rounds; ratios are medians of the per-round "
         f"ratios. Read bandwidth in the same rounds (read_bytes, 1 GiB in huge pages): median {bw:.1f} GB/s.",
         "",
-        "| format | llama.cpp tok/s | ours dense | ours predicted | dense / llama.cpp "
-        "| predicted / llama.cpp | predicted weight GB/s | dense weight GB/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| format | llama.cpp tok/s | ours dense, SiLU | ours dense | ours predicted "
+        "| dense SiLU / llama.cpp | dense / llama.cpp | predicted / llama.cpp "
+        "| dense SiLU weight GB/s | predicted weight GB/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for fmt in formats:
         lc = _median(result, f"llama.cpp/{fmt}/decode")
         dense = _median(result, f"ours/{fmt}/dense/decode")
+        silu = _median(result, f"ours/{fmt}/dense-silu/decode")
         pred = _median(result, f"ours/{fmt}/predicted/decode")
         parts = memory[fmt]["weight_bytes"]
         rep = result["reports"].get(f"{fmt}/predicted")
         share = rep["ffn_bytes_read"] / rep["ffn_bytes_dense"] if rep and rep["ffn_bytes_dense"] else 1.0
         pred_bytes = em.step_bytes(parts, share, True)
         dense_bytes = em.step_bytes(parts, 1.0, False)
-        vs_dense = _per_round_ratio(result, f"ours/{fmt}/dense/decode", f"llama.cpp/{fmt}/decode") or 0
-        vs_pred = _per_round_ratio(result, f"ours/{fmt}/predicted/decode", f"llama.cpp/{fmt}/decode") or 0
+        vs = {
+            mode: _per_round_ratio(result, f"ours/{fmt}/{mode}/decode", f"llama.cpp/{fmt}/decode")
+            for mode in ("dense-silu", "dense", "predicted")
+        }
+        silu_gbps = dense_bytes * silu / 1e9 if silu is not None else None
         lines.append(
-            f"| {fmt} | {lc:.2f} | {dense:.2f} | {pred:.2f} | {vs_dense:.2f}× | {vs_pred:.2f}× | "
-            f"{pred_bytes * pred / 1e9:.1f} | {dense_bytes * dense / 1e9:.1f} |"
+            f"| {fmt} | {lc:.2f} | {_f(silu, 2)} | {dense:.2f} | {pred:.2f} | {_x(vs['dense-silu'])} | "
+            f"{_x(vs['dense'])} | {_x(vs['predicted'])} | {_f(silu_gbps, 1)} | "
+            f"{pred_bytes * pred / 1e9:.1f} |"
         )
     lines += [
         "",
-        "Weight GB/s: the bytes one of our decode steps reads (all weights but the embedding table; in "
-        "predicted mode the predictors plus the FFN rows its active sets need, from the request's sparsity "
-        "report) × tokens/s.",
+        "Ours dense, SiLU: the same weights with SiLU instead of FATReLU (what llama.cpp computes; its "
+        "converter maps the model to SiLU): no gate is exactly zero, every FFN row is read. Ours dense: "
+        "dense mode of the FATReLU model, exact results, but the kernel skips the up and down rows of the "
+        f"~{c['sparsity']:.0%} of neurons whose gate is exactly zero, so it reads far fewer bytes than a "
+        "dense step (no weight GB/s given: its bytes are not a dense step's). Weight GB/s: the bytes one of "
+        "our decode steps reads (all weights but the embedding table; in predicted mode the predictors plus "
+        "the FFN rows its active sets need, from the request's sparsity report) × tokens/s.",
         "",
         f"Prefill of {c['prompt_tokens']} tokens (tokens/s):",
         "",
-        "| format | llama.cpp pp | ours dense | ours predicted | dense / llama.cpp |",
-        "|---|---:|---:|---:|---:|",
+        "| format | llama.cpp pp | ours dense, SiLU | ours dense | ours predicted | dense SiLU / llama.cpp "
+        "| predicted / llama.cpp |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for fmt in formats:
         lc = _median(result, f"llama.cpp/{fmt}/prefill")
+        silu = _median(result, f"ours/{fmt}/dense-silu/prefill")
         dense = _median(result, f"ours/{fmt}/dense/prefill")
         pred = _median(result, f"ours/{fmt}/predicted/prefill")
+        ratios = [
+            _per_round_ratio(result, f"ours/{fmt}/{mode}/prefill", f"llama.cpp/{fmt}/prefill")
+            for mode in ("dense-silu", "predicted")
+        ]
         lines.append(
-            f"| {fmt} | {lc:.1f} | {dense:.1f} | {pred:.1f} | "
-            f"{_per_round_ratio(result, f'ours/{fmt}/dense/prefill', f'llama.cpp/{fmt}/prefill') or 0:.2f}× |"
+            f"| {fmt} | {lc:.1f} | {_f(silu, 1)} | {dense:.1f} | {pred:.1f} | "
+            f"{_x(ratios[0])} | {_x(ratios[1])} |"
         )
     lines += [
         "",
@@ -100,12 +129,23 @@ def format_table(result: dict[str, Any]) -> str:
         for batch, rates in extras[fmt]["batches"].items():
             d, p = rates.get("dense"), rates.get("predicted")
             lines.append(f"| {fmt} | {batch} | {d:.1f} | {p:.1f} | {_ratio(p, d)} |")
-    lines += ["", "Memory (ours; resident growth while loading each engine vs the bytes of its weights):", ""]
-    lines += ["| format | weights | resident | resident / weights |", "|---|---:|---:|---:|"]
+    lines += [
+        "",
+        "Memory (ours; resident growth while loading each engine, against the bytes of its weights and of "
+        "its KV cache, sized for the largest batch above):",
+        "",
+    ]
+    lines += [
+        "| format | weights | KV cache | resident | resident / weights | resident / (weights + KV cache) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for fmt in formats:
         weights = sum(memory[fmt]["weight_bytes"].values())
+        kv = memory[fmt].get("kv_cache_bytes")  # None: a result from before it was recorded
         resident = memory[fmt]["resident_bytes"]
         lines.append(
-            f"| {fmt} | {weights / 2**30:.2f} GiB | {resident / 2**30:.2f} GiB | {resident / weights:.2f} |"
+            f"| {fmt} | {weights / 2**30:.2f} GiB | {_gib(kv)} | "
+            f"{resident / 2**30:.2f} GiB | {resident / weights:.2f} | "
+            f"{_f(kv and resident / (weights + kv), 2)} |"
         )
     return "\n".join(lines) + "\n"
