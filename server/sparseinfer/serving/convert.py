@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sparseinfer._proto import sparseinfer_pb2 as pb
 from sparseinfer.engine.accounting import SparsityReport
 from sparseinfer.engine.errors import InvalidRequest
 from sparseinfer.engine.sampling import SamplingParams
@@ -17,7 +18,6 @@ from sparseinfer.model.step import SparsityMode
 from sparseinfer.serving.config import MAX_REQUEST_ID, Limits
 from sparseinfer.serving.model_info import ModelDescription
 from sparseinfer.serving.requests import BatchRequest, Completion, ServingError, TokenChunk
-from sparseinfer_client._proto import sparseinfer_pb2 as pb
 
 MODE_FROM_PB = {
     pb.SPARSITY_MODE_DENSE: SparsityMode.DENSE,

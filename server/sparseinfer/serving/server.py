@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sparseinfer._proto import sparseinfer_pb2 as pb
 from sparseinfer.serving.auth import BearerTokenInterceptor
 from sparseinfer.serving.batcher import Batcher
 from sparseinfer.serving.config import (
@@ -39,7 +40,6 @@ from sparseinfer.serving.engine_thread import EngineThread
 from sparseinfer.serving.metrics import ServerMetrics
 from sparseinfer.serving.model_setup import Served, load_served
 from sparseinfer.serving.servicer import SparseInferServicer, add_to_server
-from sparseinfer_client._proto import sparseinfer_pb2 as pb
 
 log = logging.getLogger("sparseinfer.serving.server")
 

@@ -23,6 +23,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as PbMessage
 
+from sparseinfer._proto import sparseinfer_pb2 as pb
 from sparseinfer.serving.batcher import Batcher
 from sparseinfer.serving.convert import (
     Details,
@@ -36,7 +37,6 @@ from sparseinfer.serving.delivery import Ticket
 from sparseinfer.serving.metrics import ServerMetrics
 from sparseinfer.serving.model_info import ModelDescription
 from sparseinfer.serving.requests import Completion, ErrorKind, ServingError, TokenChunk
-from sparseinfer_client._proto import sparseinfer_pb2 as pb
 
 log = logging.getLogger("sparseinfer.serving.requests")
 
