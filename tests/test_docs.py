@@ -39,8 +39,12 @@ def test_the_readme_python_example_runs(tiny_llama_checkpoint, capsys):
     from sparseinfer.serving.server import start_server
 
     readme = (ROOT / "README.md").read_text()
-    (snippet,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    grpc_snippet, openai_snippet = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     with start_server(ServeConfig(model=tiny_llama_checkpoint, port=0)) as handle:
-        exec(snippet.replace("127.0.0.1:50051", handle.address), {})
+        exec(grpc_snippet.replace("127.0.0.1:50051", handle.address), {})
     printed = capsys.readouterr().out
     assert printed.strip() and float(printed.split()[-1]) == 1.0  # dense: every neuron computed
+    # The OpenAI snippet against the bundled model, whose id it names.
+    with start_server(ServeConfig(port=0, http_port=0)) as handle:
+        exec(openai_snippet.replace("127.0.0.1:8000", f"127.0.0.1:{handle.http_port}"), {})
+    assert capsys.readouterr().out.strip()

@@ -112,6 +112,9 @@ class ServeConfig:
     tls_key: Path | None = None
     metrics_port: int | None = None  # Prometheus text endpoint on this port (0 picks one); None: off
     metrics_host: str = "127.0.0.1"
+    # OpenAI-compatible HTTP API (serving/openai_api.py) on this port of ``host`` (0 picks one); None: off.
+    # Off by default: a second listening port is a choice a deployment makes, not a surprise it finds.
+    http_port: int | None = None
     grace_period: float = 10.0  # seconds SIGTERM waits for in-flight requests before cancelling them
     dtype: str | None = None  # compute dtype name (sparseinfer.model.config.DTYPES); None: the checkpoint's
     threads: int | None = None  # torch CPU threads; None: torch's default
@@ -147,6 +150,8 @@ class ServeConfig:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"--http-port must be in [0, 65535], got {self.http_port}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key must be given together")
         if self.grace_period < 0:

@@ -6,18 +6,16 @@ servicer (which parses requests and builds responses) import protobuf.
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from sparseinfer._proto import sparseinfer_pb2 as pb
 from sparseinfer.engine.accounting import SparsityReport
-from sparseinfer.engine.errors import InvalidRequest
-from sparseinfer.engine.sampling import SamplingParams
 from sparseinfer.model.step import SparsityMode
-from sparseinfer.serving.config import MAX_REQUEST_ID, Limits
+from sparseinfer.serving.config import Limits
 from sparseinfer.serving.model_info import ModelDescription
 from sparseinfer.serving.requests import BatchRequest, Completion, ServingError, TokenChunk
+from sparseinfer.serving.validation import RequestFields, build_request
 
 MODE_FROM_PB = {
     pb.SPARSITY_MODE_DENSE: SparsityMode.DENSE,
@@ -42,6 +40,7 @@ FIELD_PATH = {
     "repetition_penalty": "sampling.repetition_penalty",
     "seed": "sampling.seed",
     "sparsity_mode": "sparsity_mode",
+    "request_id": "request_id",
 }
 
 
@@ -51,74 +50,36 @@ class Details:
     tokens: bool = False
 
 
-def _invalid(path: str, message: str) -> ServingError:
-    return ServingError.invalid(path, message)
-
-
 def from_pb(msg: pb.GenerateRequest, limits: Limits, deadline: float | None) -> tuple[BatchRequest, Details]:
-    """Validate a ``GenerateRequest`` and turn it into the batcher's ``BatchRequest``."""
+    """Validate a ``GenerateRequest`` (``validation.build_request``: the rules every front end shares) and
+    turn it into the batcher's ``BatchRequest``; errors name the field by its domain name, which
+    ``error_message`` spells as its .proto path."""
     which = msg.WhichOneof("prompt")
     if which is None:
-        raise _invalid("prompt", "set prompt.text or prompt.token_ids")
-    prompt: str | tuple[int, ...] = msg.text if which == "text" else tuple(msg.token_ids.ids)
-    if not prompt:
-        raise _invalid("prompt", "must not be empty")
-
-    s = msg.sampling
-    st = msg.stopping
-    max_new_given = st.HasField("max_new_tokens")
-    max_new = (
-        st.max_new_tokens if max_new_given else min(limits.default_max_new_tokens, limits.max_new_tokens)
-    )
-    if not 0 < max_new <= limits.max_new_tokens:
-        raise _invalid("stopping.max_new_tokens", f"must be in [1, {limits.max_new_tokens}], got {max_new}")
-    stops = tuple(st.stop_sequences)
-    if len(stops) > limits.max_stop_sequences:
-        raise _invalid(
-            "stopping.stop_sequences", f"at most {limits.max_stop_sequences} allowed, got {len(stops)}"
-        )
-    for i, stop in enumerate(stops):
-        if not stop or len(stop) > limits.max_stop_length:
-            raise _invalid(
-                f"stopping.stop_sequences[{i}]",
-                f"must be 1 to {limits.max_stop_length} characters, got {len(stop)}",
-            )
-
+        raise ServingError.invalid("prompt", "set prompt.text or prompt.token_ids")
     mode: str | None = None
     if msg.sparsity_mode != pb.SPARSITY_MODE_UNSPECIFIED:
         if msg.sparsity_mode not in MODE_FROM_PB:
-            raise _invalid("sparsity_mode", f"unknown sparsity mode {msg.sparsity_mode}")
+            raise ServingError.invalid("sparsity_mode", f"unknown sparsity mode {msg.sparsity_mode}")
         mode = MODE_FROM_PB[msg.sparsity_mode]
-    if len(msg.request_id) > MAX_REQUEST_ID:
-        raise _invalid("request_id", f"at most {MAX_REQUEST_ID} characters, got {len(msg.request_id)}")
-
-    params = SamplingParams(
-        max_new_tokens=max_new,
-        temperature=s.temperature if s.HasField("temperature") else 1.0,
-        top_k=s.top_k if s.HasField("top_k") else 0,
-        top_p=s.top_p if s.HasField("top_p") else 1.0,
-        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+    s, st = msg.sampling, msg.stopping
+    fields = RequestFields(
+        prompt=msg.text if which == "text" else tuple(msg.token_ids.ids),
+        max_new_tokens=st.max_new_tokens if st.HasField("max_new_tokens") else None,
+        stop=tuple(st.stop_sequences),
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_k=s.top_k if s.HasField("top_k") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
         seed=s.seed if s.HasField("seed") else None,
-        stop=stops,
         ignore_eos=st.ignore_eos,
         logprobs=msg.details.logprobs,
+        sparsity_mode=mode,
+        request_id=msg.request_id,
+        stream_interval=msg.stream_interval,
     )
-    try:
-        params.validate()  # the engine's rules (the one place they live), named by their wire path here
-    except InvalidRequest as e:
-        raise ServingError.invalid(e.field, e.detail) from None
-    request_id = msg.request_id or uuid.uuid4().hex
-    details = Details(tokens=msg.details.tokens or msg.details.logprobs)
-    request = BatchRequest(
-        prompt,
-        params,
-        request_id,
-        mode,
-        deadline,
-        stream_interval=max(1, msg.stream_interval),
-        default_max_new_tokens=not max_new_given,
-    )
-    return request, details
+    request = build_request(fields, limits, deadline)
+    return request, Details(tokens=msg.details.tokens or msg.details.logprobs)
 
 
 def field_path(name: str) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from sparseinfer._proto import sparseinfer_pb2 as pb
 from sparseinfer.serving.auth import BearerTokenInterceptor
 from sparseinfer.serving.batcher import Batcher
+from sparseinfer.serving.chat_template import load_chat_template
 from sparseinfer.serving.config import (
     MAX_SEND_MESSAGE_BYTES,
     ServeConfig,
@@ -39,6 +41,7 @@ from sparseinfer.serving.config import (
 from sparseinfer.serving.engine_thread import EngineThread
 from sparseinfer.serving.metrics import ServerMetrics
 from sparseinfer.serving.model_setup import Served, load_served
+from sparseinfer.serving.openai_api import HttpSite, OpenAIApi
 from sparseinfer.serving.servicer import SparseInferServicer, add_to_server
 
 log = logging.getLogger("sparseinfer.serving.server")
@@ -82,6 +85,8 @@ class AsyncServer:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._servicer: SparseInferServicer | None = None
+        self.http: HttpSite | None = None
+        self.http_port: int | None = None
 
     async def start(self) -> int:
         """Bind, start serving and return the bound port."""
@@ -123,17 +128,44 @@ class AsyncServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(cfg.metrics_host, cfg.metrics_port)
+        if cfg.http_port is not None:
+            self.http = self._http_site()
+            self.http_port = await self.http.start(cfg.host, cfg.http_port, self._ssl_context())
         log.info(
             "serving",
             extra={"address": f"{cfg.host}:{self.port}", "model": str(self.served.model_dir)},
         )
         return self.port
 
+    def _http_site(self) -> HttpSite:
+        tokenizer = self.served.engine.tokenizer
+        api = OpenAIApi(
+            self.batcher,
+            self.metrics,
+            self.served.description,
+            tokenizer.encode,
+            lambda token_id: tokenizer.decode([token_id]),
+            load_chat_template(self.served.model_dir),
+            self.config.auth_token,
+        )
+        return HttpSite(api)
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """The gRPC port's certificate for the HTTP port too (None: plain HTTP, like gRPC without TLS)."""
+        cfg = self.config
+        if cfg.tls_cert is None or cfg.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        return context
+
     async def shutdown(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new work, finish in-flight work for up to ``grace`` seconds, stop."""
         grace = self.config.grace_period if grace is None else grace
         log.info("draining", extra={"grace_s": grace})
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.api.draining = True  # its /health answers 503 from now on
         self.batcher.stop_accepting()
         await asyncio.to_thread(self.batcher.close, grace)
         self.engine_thread.stop()
@@ -143,6 +175,9 @@ class AsyncServer:
             self._server = None
         if self._servicer is not None:
             self._servicer.close()
+        if self.http is not None:
+            await self.http.stop()  # every ticket has ended: its streams have sent their last event
+            self.http = None
         self.metrics.close()
         log.info("stopped")
 
@@ -160,6 +195,7 @@ class ServerHandle:
         self.server = server
         self.port = server.port
         self.metrics_port = server.metrics_port
+        self.http_port = server.http_port
         self.batcher = server.batcher
         self._loop = loop
         self._thread = thread
@@ -245,6 +281,8 @@ async def serve(
     for sig in stop_signals:
         loop.add_signal_handler(sig, on_signal, sig)
     print(f"sparseinfer: serving {server.served.model_dir} on {config.host}:{server.port}", flush=True)
+    if server.http_port is not None:
+        print(f"sparseinfer: OpenAI API on http://{config.host}:{server.http_port}/v1", flush=True)
     if server.metrics_port is not None:
         print(
             f"sparseinfer: metrics on http://{config.metrics_host}:{server.metrics_port}/metrics", flush=True
