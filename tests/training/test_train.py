@@ -93,3 +93,41 @@ def test_bad_config_names_the_field():
         TrainConfig(activation="gelu")
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
+
+
+def test_a_run_split_and_resumed_ends_with_the_uninterrupted_weights(tiny_corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from sparseinfer.training.train import STATE_FILE, RunControl
+
+    cfg = TrainConfig(activation="relu2", steps=12, **TINY)
+    quiet = {"progress": False, "log": lambda s: None}
+    whole = train(cfg, tiny_corpus, tmp_path / "whole", **quiet)
+    split = tmp_path / "split"
+    assert train(cfg, tiny_corpus, split, control=RunControl(stop_after=5), **quiet) == {"stopped_at": 5}
+    assert (split / STATE_FILE).is_file() and not (split / "model.safetensors").exists()
+    resumed = RunControl(stop_after=4, resume=True, save_every=2)
+    assert train(cfg, tiny_corpus, split, control=resumed, **quiet) == {"stopped_at": 9}
+    record = train(cfg, tiny_corpus, split, control=RunControl(resume=True), **quiet)
+    assert not (split / STATE_FILE).exists()  # finished: only the checkpoint remains
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(split / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert record["loss_curve"] == whole["loss_curve"] and record["val_perplexity"] == whole["val_perplexity"]
+
+
+def test_resume_refuses_other_settings(tiny_corpus, tmp_path):
+    from sparseinfer.training.train import RunControl
+
+    quiet = {"progress": False, "log": lambda s: None}
+    train(
+        TrainConfig(activation="relu2", steps=6, **TINY),
+        tiny_corpus,
+        tmp_path,
+        control=RunControl(stop_after=2),
+        **quiet,
+    )
+    other = TrainConfig(activation="relu2", steps=6, **{**TINY, "lr": 1e-3})
+    with pytest.raises(ValueError, match="lr"):
+        train(other, tiny_corpus, tmp_path, control=RunControl(resume=True), **quiet)
+    with pytest.raises(FileNotFoundError):
+        train(other, tiny_corpus, tmp_path / "none", control=RunControl(resume=True), **quiet)

@@ -45,6 +45,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             help="(default %(default)s)",
         )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="save the run's state every N steps (default: only on --stop-after)",
+    )
+    t.add_argument("--stop-after", type=int, default=None, help="stop after N steps of this run, state saved")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     t.set_defaults(run=_run_train)
 
     from sparseinfer.training import bundle, study_command
@@ -78,8 +86,9 @@ def _run_corpus(args: argparse.Namespace, env: object) -> None:
 
 
 def _run_train(args: argparse.Namespace, env: object) -> None:
-    from sparseinfer.training.train import train
+    from sparseinfer.training.train import RunControl, train
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "activation"}
     cfg = TrainConfig(activation=args.activation, **values)  # validates: ValueError names the field
-    train(cfg, args.corpus, args.out, progress=not args.no_progress)
+    control = RunControl(save_every=args.save_every, stop_after=args.stop_after, resume=args.resume)
+    train(cfg, args.corpus, args.out, progress=not args.no_progress, control=control)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -191,14 +192,40 @@ def save_checkpoint(
     shutil.copyfile(tokenizer_json, out / "tokenizer.json")
 
 
+STATE_FILE = "train_state.pt"  # in the output directory while a run is unfinished
+
+
+@dataclass(frozen=True)
+class RunControl:
+    """How one invocation runs, apart from what it trains (``TrainConfig``): long runs are split.
+
+    ``save_every`` steps the model, optimizer and position are written to ``out/train_state.pt`` (0: only
+    when stopping early); ``stop_after`` ends this invocation after that many steps, with the state saved
+    (None: run to the end); ``resume`` continues from a saved state of the same configuration. The data
+    order is a function of the seed alone and training has no other randomness, so a run resumed any
+    number of times ends with the same weights as one that was never interrupted."""
+
+    save_every: int = 0
+    stop_after: int | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.save_every < 0:
+            raise ValueError(f"--save-every must be >= 0, got {self.save_every}")
+        if self.stop_after is not None and self.stop_after <= 0:
+            raise ValueError(f"--stop-after must be positive, got {self.stop_after}")
+
+
 def train(
     cfg: TrainConfig,
     corpus: Path,
     out: Path,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    control: RunControl = RunControl(),
 ) -> dict:
-    """Train on ``corpus/train.npy`` (written by ``sparseinfer corpus``), save to ``out``; return the log."""
+    """Train on ``corpus/train.npy`` (written by ``sparseinfer corpus``), save to ``out``; return the log
+    (``{"stopped_at": step}`` when ``control.stop_after`` ended the run before its last step)."""
     for f in ("train.npy", "validation.npy", "tokenizer.json"):
         if not (corpus / f).is_file():
             raise FileNotFoundError(f"{corpus / f} missing: run `sparseinfer corpus {corpus}` first")
@@ -206,12 +233,50 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, corpus, out, progress, log)
+        return _train(cfg, corpus, out, progress, log, control)
     finally:
         torch.set_num_threads(previous_threads)  # a library call must not leave the process changed
 
 
-def _train(cfg: TrainConfig, corpus: Path, out: Path, progress: bool, log: Callable[[str], None]) -> dict:
+def _load_state(cfg: TrainConfig, out: Path) -> dict:
+    path = out / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: nothing to resume (run without --resume to start)")
+    state = torch.load(path, weights_only=True)
+    saved = state["config"]
+    changed = sorted(k for k, v in asdict(cfg).items() if saved.get(k) != v and k != "threads")
+    if changed:
+        raise ValueError(
+            f"{path} was saved with other settings ({', '.join(changed)}); resume with the same ones"
+        )
+    return state
+
+
+def _save_state(
+    out: Path, cfg: TrainConfig, step: int, model: Transformer, opt: Any, losses: list, wall: float
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    state = {
+        "config": asdict(cfg),
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "losses": losses,
+        "wall_s": wall,
+    }
+    tmp = out / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(out / STATE_FILE)  # atomic: an interruption while saving keeps the previous state
+
+
+def _train(
+    cfg: TrainConfig,
+    corpus: Path,
+    out: Path,
+    progress: bool,
+    log: Callable[[str], None],
+    control: RunControl,
+) -> dict:
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
@@ -231,8 +296,23 @@ def _train(cfg: TrainConfig, corpus: Path, out: Path, progress: bool, log: Calla
     starts = batch_starts(len(train_ids), cfg)
     offsets = np.arange(cfg.context + 1)
     losses: list[float] = []
+    first, wall_before = 0, 0.0
+    if control.resume:
+        state = _load_state(cfg, out)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        first, losses, wall_before = state["step"], list(state["losses"]), state["wall_s"]
+        log(f"{cfg.activation}: resuming at step {first} of {cfg.steps}")
+    last = cfg.steps if control.stop_after is None else min(cfg.steps, first + control.stop_after)
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=cfg.activation, disable=not progress, mininterval=2.0)
+    bar = tqdm(
+        range(first, last),
+        desc=cfg.activation,
+        disable=not progress,
+        mininterval=2.0,
+        initial=first,
+        total=cfg.steps,
+    )
     for step in bar:
         win = torch.from_numpy(train_ids[starts[step][:, None] + offsets].astype(np.int64))  # (B, T+1)
         for group in opt.param_groups:
@@ -244,9 +324,16 @@ def _train(cfg: TrainConfig, corpus: Path, out: Path, progress: bool, log: Calla
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         losses.append(float(loss.detach()))
-        tok_s = (step + 1) * cfg.batch * cfg.context / (time.perf_counter() - t0)
+        tok_s = (step + 1 - first) * cfg.batch * cfg.context / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-    wall = time.perf_counter() - t0
+        done = step + 1
+        if done < cfg.steps and control.save_every and done % control.save_every == 0:
+            _save_state(out, cfg, done, model, opt, losses, wall_before + time.perf_counter() - t0)
+    wall = wall_before + time.perf_counter() - t0
+    if last < cfg.steps:
+        _save_state(out, cfg, last, model, opt, losses, wall)
+        log(f"{cfg.activation}: stopped at step {last} of {cfg.steps}; continue with --resume")
+        return {"stopped_at": last}
     model.eval()
     ppl = perplexity(model, val_ids, cfg.context, cfg.eval_windows)
     save_checkpoint(model, cfg, vocab, out, corpus / "tokenizer.json")
@@ -268,6 +355,7 @@ def _train(cfg: TrainConfig, corpus: Path, out: Path, progress: bool, log: Calla
         "loss_curve": [round(float(np.mean(losses[i : i + 20])), 4) for i in range(0, len(losses), 20)],
     }
     (out / "train_log.json").write_text(json.dumps(record, indent=2))
+    (out / STATE_FILE).unlink(missing_ok=True)  # finished: the checkpoint is the result
     log(
         f"{cfg.activation}: {n_params:,} params, {record['tokens_seen']:,} tokens, {wall:.0f} s, "
         f"val ppl {ppl:.2f}"
