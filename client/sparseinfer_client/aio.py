@@ -31,17 +31,18 @@ from sparseinfer_client._convert import (
 )
 from sparseinfer_client._proto import sparseinfer_pb2 as pb
 from sparseinfer_client._proto import sparseinfer_pb2_grpc as pb_grpc
+from sparseinfer_client._targets import channel_target
 from sparseinfer_client.client import _Deadline, _retry_delay
 from sparseinfer_client.errors import DeadlineExceeded, Unavailable, from_rpc_error
 from sparseinfer_client.types import GenerateResult, HealthStatus, ModelInfo, StreamChunk, TokenizeResult
 
 
 class AsyncClient:
-    """Asyncio client of one server; arguments as for ``Client``."""
+    """Asyncio client of one server or of several replicas; arguments as for ``Client``."""
 
     def __init__(
         self,
-        target: str = _channel.DEFAULT_TARGET,
+        target: str | Sequence[str] = _channel.DEFAULT_TARGET,
         *,
         token: str | None = None,
         tls: bool = False,
@@ -51,18 +52,21 @@ class AsyncClient:
         retry: RetryPolicy | None = None,
         max_message_bytes: int = _channel.DEFAULT_MAX_MESSAGE_BYTES,
         keepalive_s: float | None = None,
+        load_balancing: bool | None = None,
     ) -> None:
         _channel.check_timeout(timeout)
-        self.target = target
+        chosen = channel_target(target, load_balancing)
+        self.target = chosen.target  # as gRPC sees it: several addresses become one ipv4:/ipv6: list
+        self.load_balanced = chosen.balanced
         self.timeout = timeout
         self.retry = retry if retry is not None else RetryPolicy()
         self._metadata = _channel.auth_metadata(token)
         creds, extra = _channel.credentials(tls, root_certificates, server_name)
-        options = _channel.channel_options(max_message_bytes, keepalive_s) + extra
+        options = _channel.channel_options(max_message_bytes, keepalive_s) + extra + chosen.options()
         if creds is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
+            self._channel = grpc.aio.insecure_channel(self.target, options=options)
         else:
-            self._channel = grpc.aio.secure_channel(target, creds, options=options)
+            self._channel = grpc.aio.secure_channel(self.target, creds, options=options)
         self._stub = pb_grpc.SparseInferStub(self._channel)
         self._health = self._channel.unary_unary(
             _channel.HEALTH_CHECK,

@@ -30,7 +30,12 @@ TOKEN_ENV = "SPARSEINFER_TOKEN"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseinfer-client", description="Client of a sparseinfer server.")
-    parser.add_argument("--target", default=DEFAULT_TARGET, help="server host:port (default: %(default)s)")
+    parser.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help="server host:port, several ip:port comma-separated, or dns:///name:port (several replicas: "
+        "round_robin with health checking; default: %(default)s)",
+    )
     parser.add_argument("--token", default=None, help=f"bearer token (default: ${TOKEN_ENV} if set)")
     parser.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
     parser.add_argument("--root-certs", default=None, help="PEM file of root certificates (implies --tls)")

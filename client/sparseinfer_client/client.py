@@ -8,7 +8,12 @@
 
 Every method takes ``timeout`` (seconds for the whole call, retries included; default: the client's
 ``timeout``). Failures raise a ``SparseInferError`` subclass (see ``errors.py``). UNAVAILABLE is retried with
-exponential backoff (``RetryPolicy``) while no response message has arrived; nothing else is retried.
+exponential backoff (``RetryPolicy``) while no response message has arrived; nothing else is retried. With
+several replicas a retry is a new pick of gRPC's round_robin, which moves on with every pick and skips the
+replicas that health checking marks NOT_SERVING, so a refused call goes to another replica:
+
+    with Client(["10.0.0.1:50051", "10.0.0.2:50051"]) as client: ...
+    with Client("dns:///sparseinfer.default.svc.cluster.local:50051") as client: ...
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from sparseinfer_client._convert import (
 )
 from sparseinfer_client._proto import sparseinfer_pb2 as pb
 from sparseinfer_client._proto import sparseinfer_pb2_grpc as pb_grpc
+from sparseinfer_client._targets import channel_target
 from sparseinfer_client.errors import DeadlineExceeded, Unavailable, from_rpc_error
 from sparseinfer_client.types import GenerateResult, HealthStatus, ModelInfo, StreamChunk, TokenizeResult
 
@@ -64,16 +70,22 @@ def _retry_delay(
 
 
 class Client:
-    """Blocking client of one server. Thread-safe; one channel (HTTP/2 connection) shared by all calls.
+    """Blocking client of one server or of several replicas. Thread-safe; one gRPC channel shared by all
+    calls (one HTTP/2 connection per replica).
 
-    ``target`` is "host:port". ``token`` sends ``authorization: Bearer <token>`` on every call. TLS is used
-    when ``tls`` is true or ``root_certificates`` (PEM bytes or a file path; None = system roots) is given;
-    ``server_name`` overrides the name checked against the server's certificate.
+    ``target`` is "host:port", any gRPC target ("dns:///name:port", "unix:path", ...), or several "ip:port"
+    (a sequence, or one comma-separated string). Several addresses or a ``dns:`` name are spread with gRPC's
+    ``round_robin`` policy and client-side health checking, which skips replicas that report NOT_SERVING
+    (draining); ``load_balancing`` True/False forces that on or off (see ``_targets.py``).
+
+    ``token`` sends ``authorization: Bearer <token>`` on every call. TLS is used when ``tls`` is true or
+    ``root_certificates`` (PEM bytes or a file path; None = system roots) is given; ``server_name`` overrides
+    the name checked against the server's certificate (of every replica: they share one channel's TLS).
     """
 
     def __init__(
         self,
-        target: str = _channel.DEFAULT_TARGET,
+        target: str | Sequence[str] = _channel.DEFAULT_TARGET,
         *,
         token: str | None = None,
         tls: bool = False,
@@ -83,18 +95,21 @@ class Client:
         retry: RetryPolicy | None = None,
         max_message_bytes: int = _channel.DEFAULT_MAX_MESSAGE_BYTES,
         keepalive_s: float | None = None,
+        load_balancing: bool | None = None,
     ) -> None:
         _channel.check_timeout(timeout)
-        self.target = target
+        chosen = channel_target(target, load_balancing)
+        self.target = chosen.target  # as gRPC sees it: several addresses become one ipv4:/ipv6: list
+        self.load_balanced = chosen.balanced
         self.timeout = timeout
         self.retry = retry if retry is not None else RetryPolicy()
         self._metadata = _channel.auth_metadata(token)
         creds, extra = _channel.credentials(tls, root_certificates, server_name)
-        options = _channel.channel_options(max_message_bytes, keepalive_s) + extra
+        options = _channel.channel_options(max_message_bytes, keepalive_s) + extra + chosen.options()
         if creds is None:
-            self._channel = grpc.insecure_channel(target, options=options)
+            self._channel = grpc.insecure_channel(self.target, options=options)
         else:
-            self._channel = grpc.secure_channel(target, creds, options=options)
+            self._channel = grpc.secure_channel(self.target, creds, options=options)
         self._stub = pb_grpc.SparseInferStub(self._channel)
         self._health = self._channel.unary_unary(
             _channel.HEALTH_CHECK,
@@ -153,7 +168,9 @@ class Client:
         return model_info_from_pb(self._unary(self._stub.ModelInfo, pb.ModelInfoRequest(), timeout))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
-        """grpc.health.v1 status of ``service`` ("": the whole server; or "sparseinfer.v1.SparseInfer")."""
+        """grpc.health.v1 status of ``service`` ("": the whole server; or "sparseinfer.v1.SparseInfer").
+        Load-balanced, the call goes to one replica the channel considers healthy, like any other call: it
+        answers SERVING, or raises ``Unavailable`` when no replica is."""
         response = self._unary(self._health, _channel.HealthCheckRequest(service=service), timeout)
         return _channel.HEALTH_STATUS[response.status]  # type: ignore[return-value]
 

@@ -1,6 +1,9 @@
 """``sparseinfer bench serve``: load-test a gRPC server with the Python client (see ``serve_load.py`` for the
 load patterns and what is timed), against ``--target HOST:PORT`` or a server it starts itself (``--spawn``,
-serving ``--model`` or the bundled model in a child process).
+serving ``--model`` or the bundled model in a child process). ``--target`` may name several replicas (IP:PORT
+list, or ``dns:///NAME:PORT``): the client spreads the load with gRPC's round_robin and health checking, the
+main table is all replicas together, and a second table gives each replica's calls and share
+(``serve_replicas.py``).
 
 Closed loop runs once per ``--concurrency`` value (default 1 and 16), open loop once per ``--rate``. With
 ``--engine-baseline`` (needs the model locally: ``--spawn`` or ``--model``) the same generation (prompt,
@@ -39,6 +42,7 @@ from typing import Any, TextIO
 from sparseinfer.bench.machine import cpu_model
 from sparseinfer.bench.serve_baseline import PER_ROUND, EngineProcess, interleaved, pinned
 from sparseinfer.bench.serve_load import LoadConfig, percentile, run_load, summarise
+from sparseinfer.bench.serve_replicas import ReplicaMeter, format_replicas
 from sparseinfer.serving.config import DEFAULT_EVENT_LOOP, event_loop_installed, new_event_loop
 
 # Rounds of engine alone vs through the server: enough that the median of their paired ratios is steady on
@@ -127,15 +131,23 @@ async def _runs(
     engine_model: Path | None,
     threads: int | None,
     engine_cpus: Sequence[int] | None,
-) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None, dict[str, Any] | None]:
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None, dict[str, Any] | None, str | None]:
+    """(model info, one summary row per config, engine baseline, scaling pairs, and the gRPC target when
+    the client balanced over several replicas, else None)."""
     client_mod = _client_module()
     rows = []
     async with client_mod.AsyncClient(target, **client_kwargs) as client:
         await client.wait_ready(30.0)
         info = asdict(await client.model_info())
+        # Several replicas: gRPC balances, the bench only counts who answered (serve_replicas.py).
+        meter = ReplicaMeter(client.target) if client.load_balanced else None
+        balanced_target = client.target if client.load_balanced else None
         for config in configs:
-            records, wall = await run_load(client, config)
-            rows.append(summarise(records, wall, config))
+            records, wall = await run_load(client, config, meter.start if meter is not None else None)
+            row = summarise(records, wall, config)
+            if meter is not None:
+                row["replicas"] = meter.shares()
+            rows.append(row)
         scaling = await _paired_scaling(client, configs)
         baseline = None
         if engine_model is not None:
@@ -156,7 +168,7 @@ async def _runs(
                 baseline = await interleaved(client, engine, c, rounds=BASELINE_ROUNDS)
             finally:
                 engine.close()
-    return info, rows, baseline, scaling
+    return info, rows, baseline, scaling, balanced_target
 
 
 async def _paired_scaling(client: Any, configs: Sequence[LoadConfig]) -> dict[str, Any] | None:
@@ -197,7 +209,7 @@ def run_serve_bench(
     # CPU the server loses when they share cores.
     loop_kind = DEFAULT_EVENT_LOOP if event_loop_installed(DEFAULT_EVENT_LOOP) else "asyncio"
     with asyncio.Runner(loop_factory=lambda: new_event_loop(loop_kind)) as runner:
-        info, rows, baseline, scaling = runner.run(
+        info, rows, baseline, scaling, balanced_target = runner.run(
             _runs(target, client_kwargs, configs, engine_model, threads, engine_cpus)
         )
     meta: dict[str, Any] = {
@@ -217,6 +229,8 @@ def run_serve_bench(
     }
     if cpus is not None:
         meta["cpus"] = {"load_generator": cpus[0], "server": cpus[1], "threads": threads}
+    if balanced_target is not None:  # several replicas (absent for one server: its report as before)
+        meta["load_balancing"] = {"grpc_target": balanced_target, "policy": "round_robin", "health": True}
     closed = {row["concurrency"]: row for row in rows if row["mode"] == "closed"}
     if scaling is not None:
         meta["scaling_16_vs_1"] = scaling["median"]
@@ -241,7 +255,7 @@ def format_table(result: dict[str, Any]) -> str:
             else f"the first token, then {c['stream_interval']} tokens per message)"
         ),
         "",
-        f"{meta['date']} · Python {meta['python']} · {meta['cpu']} · server {meta['target']}",
+        f"{meta['date']} · Python {meta['python']} · {meta['cpu']} · " + _servers(meta),
         "",
         f"Model {meta['model']['model_id']} ({meta['model']['architecture']}, {meta['model']['activation']}, "
         f"{meta['num_layers']} layers, {meta['model']['dtype']}); server max batch {meta['max_batch_size']}, "
@@ -254,11 +268,7 @@ def format_table(result: dict[str, Any]) -> str:
         "|---|---:|---|---:|---:|---|---|---|---:|",
     ]
     for row in rows:
-        load = (
-            f"closed, concurrency {row['concurrency']}"
-            if row["mode"] == "closed"
-            else f"open, λ={row['rate']}/s"
-        )
+        load = _load(row)
         errors = ", ".join(f"{k} {v}" for k, v in row["errors"].items()) or "—"
         dists = [
             " / ".join(_ms(row[key], q) for q in ("p50", "p90", "p99"))
@@ -272,6 +282,7 @@ def format_table(result: dict[str, Any]) -> str:
             + " |"
         )
     lines.append("")
+    lines += format_replicas(rows, _load)
     if "scaling_16_vs_1" in meta:
         pairs = meta["scaling_pairs"]
         lines.append(
@@ -316,6 +327,18 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _load(row: dict[str, Any]) -> str:
+    return (
+        f"closed, concurrency {row['concurrency']}" if row["mode"] == "closed" else f"open, λ={row['rate']}/s"
+    )
+
+
+def _servers(meta: dict[str, Any]) -> str:
+    if "load_balancing" not in meta:
+        return f"server {meta['target']}"
+    return f"servers {meta['target']} (gRPC round_robin, client-side health checking)"
+
+
 def _cpu_sentence(cpus: dict[str, Any] | None) -> str:
     if cpus is None:
         return "Load generator, server and engine baseline shared all the machine's CPUs."
@@ -342,7 +365,11 @@ def _numbers(kind: type, text: str) -> list[Any]:
 def register(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("serve", help="load-test the gRPC server: latency percentiles, throughput")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--target", help="HOST:PORT of a running server")
+    where.add_argument(
+        "--target",
+        help="HOST:PORT of a running server; replicas: several IP:PORT comma-separated, or dns:///NAME:PORT "
+        "(round_robin with health checking; the report gives each replica's share)",
+    )
     where.add_argument("--spawn", action="store_true", help="start `sparseinfer serve` in a child process")
     p.add_argument("--model", type=Path, default=None, help="checkpoint for --spawn/--engine-baseline")
     p.add_argument("--sparsity", default=None, help="sparsity mode of every request (default: server's)")

@@ -20,7 +20,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,11 +114,16 @@ async def _one(client: Any, config: LoadConfig, index: int) -> RequestRecord:
     return record
 
 
-async def run_load(client: Any, config: LoadConfig) -> tuple[list[RequestRecord], float]:
+async def run_load(
+    client: Any, config: LoadConfig, on_start: Callable[[], None] | None = None
+) -> tuple[list[RequestRecord], float]:
     """Run one measurement with an ``AsyncClient``; return the records and the wall time (first send → last
-    completion)."""
+    completion). ``on_start`` is called after the warm-up, just before the measured requests (the bench
+    snapshots per-replica counters there)."""
     for i in range(config.warmup):
         await _one(client, config, -1 - i)
+    if on_start is not None:
+        on_start()
     start = time.perf_counter()
     if config.mode == "closed":
         queue = iter(range(config.requests))
