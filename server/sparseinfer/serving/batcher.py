@@ -86,6 +86,7 @@ class Observer:
     def first_token(self, seconds: float) -> None: ...
     def inter_token(self, seconds: float) -> None: ...
     def completed(self, completion: Completion) -> None: ...
+    def kv_cache(self, used: int, total: int) -> None: ...
 
 
 def _log_crash(done: Future[None]) -> None:
@@ -131,6 +132,8 @@ class Batcher:
         self._running: list[Entry] = []
         self._reserved = 0  # Σ reserved tokens of running requests
         self._outbox = Outbox()
+        # The engine is new to the batcher, so every cache slot is free now: this is the cache's size.
+        self._cache_slots = engine.free_slots
 
     # ---- asyncio side --------------------------------------------------------------------------------
 
@@ -271,6 +274,7 @@ class Batcher:
     def _report_gauges(self) -> None:
         self.observer.queue_length(self._queued)
         self.observer.batch_size(len(self._running))
+        self.observer.kv_cache(self._cache_slots - self.engine.free_slots, self._cache_slots)
 
     def _take_inbox(self, block: bool) -> None:
         while True:

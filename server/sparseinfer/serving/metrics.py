@@ -4,6 +4,16 @@ Names follow Prometheus conventions (base units, ``_total`` counters); tokens/s 
 counter, and ``sparseinfer_decode_tokens_per_second`` is the last decode step's own throughput. The
 sparsity of served tokens: a histogram of each finished request's ``computed_share``, token-weighted counters
 (served tokens and Σ tokens × computed_share) and FFN bytes read vs the dense equivalent.
+
+The gauges an inference gateway schedules by (the Gateway API Inference Extension's model-server protocol;
+docs/deployment.md), each 0 on an idle server:
+
+- TotalQueuedRequests (vLLM ``vllm:num_requests_waiting``): ``sparseinfer_queue_length``, requests accepted
+  and not yet prefilled (running ones are not counted);
+- TotalRunningRequests (``vllm:num_requests_running``): ``sparseinfer_batch_size``, sequences in the batch;
+- KVCacheUtilization (``vllm:kv_cache_usage_perc``, a fraction 0..1): ``sparseinfer_kv_cache_usage_ratio``,
+  the share of KV-cache slots held by requests. A slot reserves a whole sequence's positions, so held slots,
+  not filled positions, are what decides whether the next request must wait, as held blocks do in vLLM.
 """
 
 from __future__ import annotations
@@ -32,6 +42,9 @@ class ServerMetrics(Observer):
         )
         self.queue = Gauge("sparseinfer_queue_length", "Requests waiting for a batch slot", registry=r)
         self.batch = Gauge("sparseinfer_batch_size", "Sequences in the running batch", registry=r)
+        self.kv_usage = Gauge(
+            "sparseinfer_kv_cache_usage_ratio", "Share of KV-cache slots held by requests (0..1)", registry=r
+        )
         self.step_batch = Histogram(
             "sparseinfer_decode_batch_size", "Sequences per decode step", buckets=_BATCH, registry=r
         )
@@ -88,6 +101,9 @@ class ServerMetrics(Observer):
 
     def batch_size(self, n: int) -> None:
         self.batch.set(n)
+
+    def kv_cache(self, used: int, total: int) -> None:
+        self.kv_usage.set(used / total if total else 0.0)
 
     def step(self, kind: str, tokens: int, seconds: float) -> None:
         self.step_seconds.labels(kind).observe(seconds)
