@@ -130,7 +130,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
             elif args.command == "info":
                 print(json.dumps(dataclasses.asdict(client.model_info()), indent=2), file=out)
             else:
-                print(client.health(args.service), file=out)
+                status = client.health(args.service)
+                print(status, file=out)
+                if status != "SERVING":  # a probe (Docker HEALTHCHECK, scripts) reads the exit status
+                    return 1
     except SparseInferError as error:
         print(f"sparseinfer-client: {error}", file=err)
         return 1

@@ -67,6 +67,9 @@ def test_tokenize_info_health(fake_server):
     assert code == 0 and json.loads(out)["neurons_per_layer"] == [128, 128]
     code, out, _ = run(["--target", fake_server.target, "health"])
     assert code == 0 and out.strip() == "SERVING"
+    # A probe reads the exit status: anything but SERVING fails it.
+    code, out, _ = run(["--target", fake_server.target, "health", "--service", "sparseinfer.v1.SparseInfer"])
+    assert code == 1 and out.strip() == "NOT_SERVING"
 
 
 def test_failed_call_exits_1_with_the_status(fake_server):
