@@ -53,7 +53,9 @@ def test_logits_match_the_dequantized_float_model(fmt, ids):
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
 def test_cached_decode_equals_no_cache_forwards(fmt, ids):
-    engine = load_engine(bundled_model_path(), EngineConfig(max_seq=64, weights=fmt))
+    # fp32 activations: in bf16 the cached and the recomputed attention round differently, enough to flip
+    # a greedy near-tie of the bundled model (seen at the 7th token); the quantized weights are the same.
+    engine = load_engine(bundled_model_path(), EngineConfig(max_seq=64, weights=fmt, dtype=torch.float32))
     n = 12
     result = engine.generate(TEXT, SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True))
     seq = list(ids)

@@ -88,7 +88,10 @@ def _start(count: int, directory: Path) -> list[Replica]:
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "sparseinfer.cli", "serve", "--model", str(bundled_model_path()),
-                 "--port", "0", "--metrics-port", "0", "--threads", "1", "--grace-period", "30"],
+                 "--port", "0", "--metrics-port", "0", "--threads", "1", "--grace-period", "30",
+                 # fp32: in bf16 a row's rounding depends on its batch-mates, enough to flip a greedy
+                 # near-tie, and the check below compares every request's text with every other's.
+                 "--dtype", "float32"],
                 stdout=subprocess.PIPE, stderr=log, text=True, env=env,
             )  # fmt: skip
         started.append((proc, log_path))
