@@ -11,7 +11,12 @@ shift
 [ -f "$RUN/corpus/train.npy" ] || sparseinfer corpus "$RUN/corpus"
 pids=()
 for act in relu2 relu reglu swiglu; do
-  sparseinfer train --activation "$act" --corpus "$RUN/corpus" --out "$RUN/$act" --threads 1 --no-progress "$@" &
+  # Each run saves its state every 200 steps; running the script again after an interruption resumes it.
+  [ -f "$RUN/$act/model.safetensors" ] && continue
+  resume=()
+  [ -f "$RUN/$act/train_state.pt" ] && resume=(--resume)
+  sparseinfer train --activation "$act" --corpus "$RUN/corpus" --out "$RUN/$act" --threads 1 --no-progress \
+    --save-every 200 "${resume[@]}" "$@" &
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done  # fails (set -e) if any training failed
