@@ -171,8 +171,8 @@ def test_the_pod_serves_the_default_port_on_all_interfaces():
 
 
 def test_metrics_are_scraped_where_the_server_serves_them_to_the_pod_network():
-    """--metrics-port binds ServeConfig.metrics_host (loopback, no flag changes it), out of Prometheus'
-    reach; the pod exposes the same registry at /metrics on the HTTP port, which binds --host."""
+    """--metrics-port binds --metrics-host (loopback by default), out of Prometheus' reach unless changed;
+    the pod exposes the same registry at /metrics on the HTTP port, which binds --host."""
     config = pod_config()
     annotations = resources()["Deployment"]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"

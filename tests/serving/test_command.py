@@ -28,11 +28,14 @@ def test_flags_reach_the_config():
         "--model", "/m", "--port", "0", "--sparsity", "predicted", "--gpu-memory", "1GiB",
         "--max-batch-size", "4", "--max-queue", "9", "--max-total-tokens", "999",
         "--max-prompt-tokens", "100", "--max-new-tokens", "50", "--metrics-port", "9100",
-        "--grace-period", "2.5", "--threads", "1", "--event-loop", "asyncio",
+        "--grace-period", "2.5", "--threads", "1", "--event-loop", "asyncio", "--metrics-host", "0.0.0.0",
+        "--http-port", "8000",
     )  # fmt: skip
     assert config.model == Path("/m") and config.port == 0 and config.sparsity == "predicted"
     assert config.gpu_memory == 2**30 and config.metrics_port == 9100 and config.grace_period == 2.5
     assert config.event_loop == "asyncio" and ServeConfig().event_loop == "uvloop"
+    assert config.metrics_host == "0.0.0.0" and ServeConfig().metrics_host == "127.0.0.1"
+    assert config.http_port == 8000 and ServeConfig().http_port is None
     assert config.limits == Limits(
         max_batch_size=4, max_queue=9, max_total_tokens=999, max_prompt_tokens=100, max_new_tokens=50
     )

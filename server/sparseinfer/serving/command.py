@@ -63,6 +63,11 @@ def register(sub: Any) -> None:
     p.add_argument("--tls-key", type=Path, help="PEM private key (with --tls-cert)")
     p.add_argument("--metrics-port", type=_int(0), help="serve Prometheus metrics on this port")
     p.add_argument(
+        "--metrics-host",
+        default=_DEFAULTS.metrics_host,
+        help="address the metrics port binds (0.0.0.0 for Prometheus in a pod; unauthenticated)",
+    )
+    p.add_argument(
         "--http-port",
         type=_int(0),
         help="also serve the OpenAI-compatible HTTP API on this port (off unless given; docs/openai.md)",
@@ -114,6 +119,7 @@ def serve_config(args: argparse.Namespace, env: Any) -> ServeConfig:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
             http_port=args.http_port,
             grace_period=args.grace_period,
             dtype=args.dtype,
