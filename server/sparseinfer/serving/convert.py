@@ -15,7 +15,7 @@ from sparseinfer.model.step import SparsityMode
 from sparseinfer.serving.config import Limits
 from sparseinfer.serving.model_info import ModelDescription
 from sparseinfer.serving.requests import BatchRequest, Completion, ServingError, TokenChunk
-from sparseinfer.serving.validation import RequestFields, build_request
+from sparseinfer.serving.validation import RequestFields, build_request, spell_field
 
 MODE_FROM_PB = {
     pb.SPARSITY_MODE_DENSE: SparsityMode.DENSE,
@@ -84,8 +84,7 @@ def from_pb(msg: pb.GenerateRequest, limits: Limits, deadline: float | None) -> 
 
 def field_path(name: str) -> str:
     """An engine or batcher field name (``stop[2]`` included) as its path in the .proto."""
-    base, bracket, index = name.partition("[")
-    return FIELD_PATH.get(base, base) + bracket + index
+    return spell_field(name, FIELD_PATH)
 
 
 def error_message(err: ServingError) -> str:

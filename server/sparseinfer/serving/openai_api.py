@@ -41,7 +41,7 @@ from sparseinfer.serving.openai_schema import (
     parse_completion,
 )
 from sparseinfer.serving.requests import Completion, ErrorKind, ServingError, TokenChunk, merge_chunks
-from sparseinfer.serving.validation import RequestFields, build_request
+from sparseinfer.serving.validation import RequestFields, build_request, spell_field
 
 log = logging.getLogger("sparseinfer.serving.requests")
 
@@ -142,8 +142,7 @@ class OpenAIApi:
         param = None
         message = err.message
         if err.field is not None:
-            base, bracket, index = err.field.partition("[")
-            param = names.get(base, FIELD_NAMES.get(base, base)) + bracket + index
+            param = spell_field(err.field, {**FIELD_NAMES, **names})
             message = f"{param}: {err.detail}" if err.detail is not None else err.message
         call.end(code, message)
         return web.json_response(error_body(message, kind, param), status=status)

@@ -34,6 +34,12 @@ class RequestFields:
     stream_interval: int = 1
 
 
+def spell_field(name: str, names: dict[str, str]) -> str:
+    """A domain field name (``stop[2]`` included) as a front end spells it: ``names`` maps the base name."""
+    base, bracket, index = name.partition("[")
+    return names.get(base, base) + bracket + index
+
+
 def build_request(fields: RequestFields, limits: Limits, deadline: float | None) -> BatchRequest:
     """Validate ``fields`` against ``limits`` and the engine's sampling rules; the batcher's request."""
     f = fields
