@@ -168,7 +168,12 @@ def parse_bible_output(text: str) -> list[Document]:
 
 def _parse_r(raw: bytes) -> Any:
     """An R-serialised object as Python values (via the PyPI package rdata)."""
-    import rdata
+    try:
+        import rdata
+    except ImportError:  # an optional extra: say how to get it rather than a bare traceback
+        raise SystemExit(
+            "sparseinfer corpus needs the PyPI package rdata: pip install 'sparseinfer[corpus]'"
+        ) from None
 
     with warnings.catch_warnings():  # bare serialisations have no file header: rdata warns "assumed RDS"
         warnings.simplefilter("ignore", UserWarning)
