@@ -16,6 +16,7 @@ from sparseinfer.bench.decode import ranked_unions
 from sparseinfer.engine.hybrid import TieredFFN, make_tier
 from sparseinfer.engine.sparse_ffn import LayerPredictor, SparseFFN
 from sparseinfer.model.ffn import activation_fn
+from sparseinfer.model.linear import EVERY_INPUT
 from sparseinfer.model.step import ForwardStep
 from sparseinfer.sparsity.neurons import active_mask
 
@@ -40,7 +41,7 @@ def dense_masked(x, w_in, w_up, w_out, mask, activation):
     return (h * mask.to(h.dtype)) @ w_out.t()  # (N, D)
 
 
-def tiered(w_in, w_up, w_out, activation, hot_ids=None):
+def tiered(w_in, w_up, w_out, activation, hot_ids=None, rows_up_to=EVERY_INPUT):
     cpu = torch.device("cpu")
     if hot_ids is None:
         tiers = [make_tier(w_in, w_up, w_out, torch.arange(M), cpu, hot=True)]
@@ -51,7 +52,7 @@ def tiered(w_in, w_up, w_out, activation, hot_ids=None):
             make_tier(w_in, w_up, w_out, hot_ids, cpu, hot=True),
             make_tier(w_in, w_up, w_out, cold.nonzero().flatten(), cpu, hot=False),
         ]
-    return TieredFFN(tiers, M, cpu, activation, THRESHOLD)
+    return TieredFFN(tiers, M, cpu, activation, THRESHOLD, rows_up_to)
 
 
 def random_mask(n, density, seed):
@@ -63,13 +64,15 @@ def union_of(mask):
     return mask.any(0).nonzero().flatten().to(torch.int32)
 
 
+# rows_up_to 0: every input is "long", so torch's GEMMs take the unions that are big enough (_gemms_win)
+@pytest.mark.parametrize("rows_up_to", [EVERY_INPUT, 0])
 @pytest.mark.parametrize(("activation", "gated"), VARIANTS)
 @pytest.mark.parametrize("crossover", [1.0, 0.0])  # sparse kernels / dense fallback
-def test_executor_equals_dense_ffn_with_same_mask(activation, gated, crossover):
+def test_executor_equals_dense_ffn_with_same_mask(activation, gated, crossover, rows_up_to):
     w_in, w_up, w_out = weights(gated)
     x = torch.randn(5, D, generator=torch.Generator().manual_seed(1))
     mask = random_mask(5, 0.2, seed=2)
-    ffn = tiered(w_in, w_up, w_out, activation)
+    ffn = tiered(w_in, w_up, w_out, activation, rows_up_to=rows_up_to)
     out = ffn.forward(x, union_of(mask), mask, crossover)
     torch.testing.assert_close(
         out, dense_masked(x, w_in, w_up, w_out, mask, activation), rtol=1e-5, atol=1e-5
@@ -82,6 +85,17 @@ def test_one_row_without_row_mask_uses_the_union(crossover):
     x = torch.randn(1, D)
     mask = random_mask(1, 0.1, seed=3)
     out = tiered(w_in, w_up, w_out, "silu").forward(x, union_of(mask), None, crossover)
+    torch.testing.assert_close(out, dense_masked(x, w_in, w_up, w_out, mask, "silu"), rtol=1e-5, atol=1e-5)
+
+
+def test_long_inputs_over_big_unions_take_the_gemms(monkeypatch):
+    w_in, w_up, w_out = weights(True)
+    ffn = tiered(w_in, w_up, w_out, "silu", rows_up_to=2)
+    assert not ffn._gemms_win(2, M) and not ffn._gemms_win(8, M // 4) and ffn._gemms_win(8, M // 4 + 1)
+    monkeypatch.setattr(TieredFFN, "_sparse", lambda *a: pytest.fail("sparse kernel used"))
+    x = torch.randn(8, D)
+    mask = random_mask(8, 0.5, seed=8)
+    out = ffn.forward(x, union_of(mask), mask, 1.0)
     torch.testing.assert_close(out, dense_masked(x, w_in, w_up, w_out, mask, "silu"), rtol=1e-5, atol=1e-5)
 
 

@@ -51,7 +51,7 @@ class PerfectPredictor:
         keep = active_mask(self.ffn.neuron_activations(x), self.norms, self.eps)
         return keep.float() * 2 - 1
 
-    def to(self, device, dtype, hugepages=True, weights="checkpoint"):
+    def to(self, device, dtype, hugepages=True, weights="checkpoint", rows_up_to=0):
         return self
 
     numel = 0

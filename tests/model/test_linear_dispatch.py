@@ -14,7 +14,7 @@ def test_matches_fp32_reference(choice, dtype):
     x = torch.randn(3, 5, 77, generator=gen).to(dtype)
     w = (torch.randn(41, 77, generator=gen) / 77**0.5).to(dtype)
     b = torch.randn(41, generator=gen).to(dtype)
-    got = lin.linear(x, w, b, rows=choice == "rows")
+    got = lin.linear(x, w, b, rows_up_to=lin.rows_up_to(choice, dtype) if choice == "rows" else 0)
     want = F.linear(x.float(), w.float(), b.float())
     assert got.shape == (3, 5, 41) and got.dtype == dtype
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
@@ -25,14 +25,14 @@ def test_rows_path_is_taken_and_batch_independent(monkeypatch):
     real = lin.ops.linear
     monkeypatch.setattr(lin.ops, "linear", lambda *a: calls.append(1) or real(*a))
     x, w = torch.randn(9, 64).bfloat16(), torch.randn(30, 64).bfloat16()
-    batch = lin.linear(x, w, rows=True)
-    one = [lin.linear(x[i : i + 1], w, rows=True) for i in range(9)]
+    batch = lin.linear(x, w, rows_up_to=lin.EVERY_INPUT)
+    one = [lin.linear(x[i : i + 1], w, rows_up_to=lin.EVERY_INPUT) for i in range(9)]
     assert calls and all(torch.equal(batch[i : i + 1], one[i]) for i in range(9))
 
 
 def test_fp32_and_autograd_stay_on_torch(monkeypatch):
     monkeypatch.setattr(lin.ops, "linear", lambda *a: pytest.fail("row kernels used"))
-    lin.linear(torch.randn(2, 8), torch.randn(4, 8), rows=True)  # fp32
+    lin.linear(torch.randn(2, 8), torch.randn(4, 8), rows_up_to=lin.EVERY_INPUT)  # fp32
     layer = lin.Linear(8, 4).bfloat16()  # parameters require grad: training must get gradients
     lin.use_row_kernels(layer, "rows")
     layer(torch.randn(2, 8).bfloat16()).float().sum().backward()
@@ -55,9 +55,33 @@ def test_rejects_unknown_choice():
 def test_the_choice_is_made_once_at_load(tiny_random_checkpoint, monkeypatch):
     from sparseinfer.model import load_model
 
-    for choice, rows in (("rows", True), ("torch", False)):
+    for choice, up_to in (("rows", lin.EVERY_INPUT), ("torch", 0)):
         model = load_model(tiny_random_checkpoint, dtype=torch.bfloat16, dense_linear=choice)
-        assert {m.rows for m in model.modules() if isinstance(m, lin.Linear)} == {rows}
+        assert {m.rows_up_to for m in model.modules() if isinstance(m, lin.Linear)} == {up_to}
     monkeypatch.setenv("SPARSEINFER_DENSE_LINEAR", "rows")  # nothing below the CLI reads it
     model = load_model(tiny_random_checkpoint, dtype=torch.bfloat16, dense_linear="torch")
-    assert not any(m.rows for m in model.modules() if isinstance(m, lin.Linear))
+    assert not any(m.rows_up_to for m in model.modules() if isinstance(m, lin.Linear))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_hands_long_inputs_to_torch_only_where_the_cpu_has_native_bf16(native, monkeypatch):
+    monkeypatch.setattr(lin, "_cpu_has_native_bf16", lambda: native)
+    for dtype in (torch.bfloat16, torch.float16):
+        want = lin.NATIVE_BF16_ROWS_UP_TO[dtype] if native else lin.EVERY_INPUT
+        assert lin.rows_up_to("auto", dtype) == want
+        assert lin.rows_up_to("rows", dtype) == lin.EVERY_INPUT and lin.rows_up_to("torch", dtype) == 0
+
+
+def test_inputs_longer_than_rows_up_to_go_to_torch(monkeypatch):
+    calls = []
+    real = lin.ops.linear
+    monkeypatch.setattr(lin.ops, "linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    w = torch.randn(30, 64).bfloat16()
+    for n in (1, 2, 3, 8):
+        want = F.linear(torch.ones(n, 64).bfloat16().float(), w.float())
+        got = lin.linear(torch.ones(n, 64).bfloat16(), w, rows_up_to=2).float()
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)  # bf16 output
+    assert calls == [1, 2]
+    calls.clear()
+    lin.linear(torch.ones(2, 3, 64).bfloat16(), w, rows_up_to=2)  # (B, T, d): 6 rows
+    assert calls == []

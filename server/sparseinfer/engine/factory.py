@@ -19,7 +19,7 @@ import torch
 
 from sparseinfer.engine.generate import Engine
 from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
-from sparseinfer.model.linear import row_kernels_win
+from sparseinfer.model.linear import rows_up_to
 from sparseinfer.model.quant import quantize_linears, validate_weights
 from sparseinfer.model.step import SparsityMode
 from sparseinfer.model.tokenizer import Tokenizer
@@ -44,7 +44,7 @@ class EngineConfig:
             raise ValueError(f"max_batch must be ≥ 1, got {self.max_batch}")
         if self.max_seq is not None and self.max_seq < 1:
             raise ValueError(f"max_seq must be ≥ 1, got {self.max_seq}")
-        row_kernels_win(self.dense_linear)  # raises for an unknown choice
+        rows_up_to(self.dense_linear)  # raises for an unknown choice
         validate_weights(self.weights)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be ≥ 1, got {self.threads}")

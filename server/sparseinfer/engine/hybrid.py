@@ -21,7 +21,7 @@ import torch
 from sparseinfer import ops
 from sparseinfer.engine.hugepages import to_hugepages
 from sparseinfer.model.ffn import activation_fn, hidden
-from sparseinfer.model.linear import linear
+from sparseinfer.model.linear import EVERY_INPUT, linear
 from sparseinfer.model.quant import dot_layout, quantizable, quantize_for_dots
 from sparseinfer.sparsity.neurons import active_mask
 
@@ -118,11 +118,12 @@ class TieredFFN:
         out_device: torch.device,
         activation: str,
         threshold: float,
-        rows: bool = False,
+        rows_up_to: int = EVERY_INPUT,
     ) -> None:
-        """``rows``: the dense GEMMs through our row kernels (``model.linear``), as the model's were."""
+        """``rows_up_to``: ``model.linear``'s, as the model's projections were given at load."""
         self.tiers = [t for t in tiers if t.size > 0]
-        self.rows = rows
+        self.rows_up_to = rows_up_to
+        self._quantized = any(t.quantized for t in self.tiers)
         self.m = num_neurons
         self.out_device = out_device
         self.activation = activation
@@ -149,7 +150,14 @@ class TieredFFN:
     def _project(self, x: torch.Tensor, w: torch.Tensor, tier: Tier) -> torch.Tensor:
         if tier.quantized:
             return ops.linear(x, w, None, tier.dot_format)
-        return linear(x, w, rows=self.rows)
+        return linear(x, w, rows_up_to=self.rows_up_to)
+
+    def _gemms_win(self, n: int, union: int) -> bool:
+        """Whether torch's GEMMs beat the sparse kernels for ``n`` rows over ``union`` neurons, on a CPU where
+        ``model.linear`` hands inputs this long to torch (native bf16: AMX). The sparse kernel reads each
+        union row once per 2 input rows (kMaxDotRows); a GEMM reads every row once and, up to tens of rows,
+        costs about a GEMV (measured: benchmarks/results/README.md)."""
+        return n > self.rows_up_to and not self._quantized and union * n > 2 * self.m
 
     def activations(self, x: torch.Tensor, tier: Tier) -> torch.Tensor:
         """Dense h of one tier's neurons: x (N, d) on the tier's device -> (N, m_t), in x's dtype."""
@@ -170,7 +178,8 @@ class TieredFFN:
     def dense(self, x: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
         """Every neuron computed; h zeroed where ``row_mask`` (N, m) is False. A tier keeps one down layout,
         W_out^T: on the CPU the sparse kernel runs over all its rows (bandwidth-bound like a GEMV, in every
-        dtype and format); elsewhere the GEMMs take the transposed view (cuBLAS reads either layout)."""
+        dtype and format) unless torch's GEMMs win (``_gemms_win``); those, and the GEMMs elsewhere, take the
+        transposed view (cuBLAS and oneDNN read either layout)."""
         # Inputs go to every tier before any compute (see ``forward``: no copy may queue behind the hot work).
         inputs = []
         for t, ids in zip(self.tiers, self._ids_dev, strict=True):
@@ -180,7 +189,7 @@ class TieredFFN:
             inputs.append((t, x.to(t.device), keep))
         parts = []
         for t, xt, keep in inputs:
-            if t.device.type == "cpu":
+            if t.device.type == "cpu" and not self._gemms_win(xt.shape[0], self.m):
                 parts.append(self._sparse(t, xt, t.all_rows, keep))  # (N, d)
                 continue
             h = self.activations(xt, t)  # (N, m_t)
@@ -207,7 +216,7 @@ class TieredFFN:
     ) -> torch.Tensor:
         """FFN over the neurons in ``union`` (int32 ascending global ids), h masked per row by ``row_mask``
         (N, m) when given (None: every row uses the whole union). x (N, d) -> (N, d) on the output device."""
-        if union.numel() > crossover * self.m:
+        if union.numel() > crossover * self.m or self._gemms_win(x.shape[0], union.numel()):
             if row_mask is None and union.numel() < self.m:
                 row_mask = torch.zeros(x.shape[0], self.m, dtype=torch.bool, device=self.out_device)
                 row_mask[:, union.long()] = True

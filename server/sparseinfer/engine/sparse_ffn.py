@@ -23,6 +23,7 @@ from torch import nn
 from sparseinfer import ops
 from sparseinfer.engine.hugepages import to_hugepages
 from sparseinfer.engine.hybrid import DEFAULT_CROSSOVER, TieredFFN
+from sparseinfer.model.linear import EVERY_INPUT, linear
 from sparseinfer.model.quant import dot_layout, quantizable, quantize_for_dots
 from sparseinfer.model.step import ForwardStep, SparsityMode
 from sparseinfer.sparsity.predictor import LowRankPredictor, strict_logit_threshold
@@ -42,12 +43,14 @@ class LayerPredictor:
         score_threshold: float,
         hidden_activation: str | None,
         formats: tuple[str, str] = ("none", "none"),
+        rows_up_to: int = EVERY_INPUT,
     ) -> None:
         self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2  # (r, d), (r,), (m, r), (m,)
         self.hidden_activation = hidden_activation
         self.score_threshold = float(score_threshold)
         self.threshold = strict_logit_threshold(self.score_threshold)
         self.formats = formats  # ops.linear's weight_format of w1 and w2 ("none": in the biases' dtype)
+        self.rows_up_to = rows_up_to  # unquantized: inputs of at most this many rows through ops.linear
 
     @classmethod
     def from_trained(cls, predictor: LowRankPredictor, score_threshold: float) -> LayerPredictor:
@@ -56,13 +59,17 @@ class LayerPredictor:
         weights = (p.w1.weight, p.w1.bias, p.w2.weight, p.w2.bias)
         return cls(*(w.detach() for w in weights), score_threshold, p.hidden_activation)
 
+    def _project(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, fmt: str) -> torch.Tensor:
+        if fmt == "none":  # model.linear's choice: torch's CPU bf16 GEMV is many times slower at these shapes
+            return linear(x, w, b, self.rows_up_to)
+        return ops.linear(x, w, b, fmt)
+
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, d) -> (N, m) logits in the model dtype. Through ``ops.linear``, the projection the kernel
-        benchmark times with the sparse FFN: torch's CPU bf16 GEMV is many times slower at these shapes."""
-        z = ops.linear(x.to(self.b1.dtype).contiguous(), self.w1, self.b1, self.formats[0])  # (N, r)
+        """(N, d) -> (N, m) logits in the model dtype."""
+        z = self._project(x.to(self.b1.dtype).contiguous(), self.w1, self.b1, self.formats[0])  # (N, r)
         if self.hidden_activation == "relu":
             z = F.relu(z)
-        return ops.linear(z, self.w2, self.b2, self.formats[1])  # (N, m)
+        return self._project(z, self.w2, self.b2, self.formats[1])  # (N, m)
 
     @property
     def numel(self) -> int:
@@ -78,11 +85,16 @@ class LayerPredictor:
         return sum(t.numel() * t.element_size() for t in (self.w1, self.b1, self.w2, self.b2))
 
     def to(
-        self, device: torch.device, dtype: torch.dtype, hugepages: bool = True, weights: str = "checkpoint"
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        hugepages: bool = True,
+        weights: str = "checkpoint",
+        rows_up_to: int = EVERY_INPUT,
     ) -> LayerPredictor:
         """A copy on ``device`` in ``dtype`` (the model's: a bf16 model reads half the predictor bytes), its
         weights quantized to ``weights`` (a ``model.quant`` format; CPU only, where rows hold whole blocks),
-        in huge pages on the CPU unless ``hugepages`` is off."""
+        in huge pages on the CPU unless ``hugepages`` is off; ``rows_up_to``: ``model.linear``'s."""
         b1, b2 = (to_hugepages(t.to(device, dtype).contiguous(), hugepages) for t in (self.b1, self.b2))
         packed, formats = [], []
         for w in (self.w1, self.w2):
@@ -94,7 +106,7 @@ class LayerPredictor:
                 formats.append("none")
         w1, w2 = packed
         return LayerPredictor(
-            w1, b1, w2, b2, self.score_threshold, self.hidden_activation, (formats[0], formats[1])
+            w1, b1, w2, b2, self.score_threshold, self.hidden_activation, (formats[0], formats[1]), rows_up_to
         )
 
 
