@@ -3,12 +3,14 @@ figure must come from the result JSON (the ratios and GB/s recomputed here from 
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 
-from sparseinfer.bench.llamacpp import LlamaCppBenchConfig, silu_twin
+from sparseinfer.bench.llamacpp import LlamaCppBenchConfig, _llama_bench, silu_twin
 from sparseinfer.bench.llamacpp_report import format_table
+from sparseinfer.bench.llamacpp_tools import LlamaBenchCrashed
 
 
 def test_silu_twin_links_the_weights_and_changes_only_the_activation(tmp_path):
@@ -87,3 +89,34 @@ def test_report_figures_come_from_the_result():
 def test_config_refuses_unknown_formats(formats):
     with pytest.raises(ValueError, match="--formats"):
         LlamaCppBenchConfig(formats=formats).validate()
+
+
+class _CrashingWithRepack:
+    """llama-bench as on the Sapphire Rapids where its repacked quantized prefill segfaults."""
+
+    def __init__(self):
+        self.calls = []
+
+    def bench(self, model, threads, prompt, generate, repack=True):
+        self.calls.append((model.name, prompt, repack))
+        if repack and prompt:
+            raise LlamaBenchCrashed("llama-bench died of signal 11")
+        return {"avg_ts": 100.0 if repack else 90.0}
+
+
+def test_a_crash_with_repacking_is_measured_without_it_from_then_on(tmp_path):
+    tools, no_repack, log = _CrashingWithRepack(), set(), io.StringIO()
+    q8 = tmp_path / "model-Q8_0.gguf"
+    assert _llama_bench(tools, q8, 2, 0, 32, no_repack, log) == 100.0  # decode works with repacking
+    assert _llama_bench(tools, q8, 2, 128, 0, no_repack, log) == 90.0
+    assert _llama_bench(tools, q8, 2, 128, 0, no_repack, log) == 90.0
+    assert (
+        tools.calls
+        == [("model-Q8_0.gguf", 0, True), ("model-Q8_0.gguf", 128, True)]
+        + [("model-Q8_0.gguf", 128, False)] * 2
+    )
+    assert no_repack == {"model-Q8_0.gguf pp"} and "--repack 0" in log.getvalue()
+    result = _result()
+    result["meta"]["llama_cpp_without_repack"] = sorted(no_repack)
+    assert "crashed (SIGSEGV) with its weight repacking for model-Q8_0.gguf pp" in format_table(result)
+    assert "SIGSEGV" not in format_table(_result())

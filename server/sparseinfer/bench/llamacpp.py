@@ -29,7 +29,7 @@ import torch
 
 from sparseinfer.bench import engine_measure as em
 from sparseinfer.bench.decode_model import SHAPE, write_checkpoint
-from sparseinfer.bench.llamacpp_tools import default_cache, locate
+from sparseinfer.bench.llamacpp_tools import LlamaBenchCrashed, default_cache, locate
 from sparseinfer.bench.machine import cpu_flags, cpu_model
 
 FORMATS = ("bf16", "q8_0", "q4_0")
@@ -142,13 +142,14 @@ def run_llamacpp_bench(config: LlamaCppBenchConfig, out: TextIO) -> dict[str, An
         rec.setdefault(key, []).append(value)
 
     reports: dict[str, Any] = {}
+    no_repack: set[str] = set()  # llama-bench runs that crash with weight repacking: measured without it
     for rnd in range(config.rounds + 1):  # round 0 warms up (page cache, allocator) and is not kept
         keep = rnd > 0
         order = list(config.formats) if rnd % 2 == 0 else list(reversed(config.formats))
         bandwidth = em.read_bandwidth(buf)
         for fmt in order:
-            tg = tools.bench(gguf[fmt], config.threads, 0, config.new_tokens)["avg_ts"]
-            pp = tools.bench(gguf[fmt], config.threads, config.prompt_tokens, 0)["avg_ts"]
+            tg = _llama_bench(tools, gguf[fmt], config.threads, 0, config.new_tokens, no_repack, out)
+            pp = _llama_bench(tools, gguf[fmt], config.threads, config.prompt_tokens, 0, no_repack, out)
             modes = em.modes_of(engines[fmt])
             for mode in modes if rnd % 2 == 0 else reversed(modes):
                 rate, report = em.decode_rate(engines[fmt], decode_prompt, mode, config.new_tokens)
@@ -185,13 +186,32 @@ def run_llamacpp_bench(config: LlamaCppBenchConfig, out: TextIO) -> dict[str, An
                 for B in config.batches
             },
         }
+    meta = _meta(config, tools, path)
+    meta["llama_cpp_without_repack"] = sorted(no_repack)
     return {
-        "meta": _meta(config, tools, path),
+        "meta": meta,
         "rounds": rec,
         "reports": {k: asdict(v) for k, v in reports.items()},
         "memory": memory,
         "extras": extras,
     }
+
+
+def _llama_bench(
+    tools: Any, gguf: Path, threads: int, prompt: int, generate: int, no_repack: set[str], out: TextIO
+) -> float:
+    """llama-bench's tokens/s. On some Sapphire Rapids machines llama.cpp's AMX / repacked quantized matmul
+    segfaults in prefill (seen with llama-cpp-python 0.3.36's llama.cpp; ggml-org/llama.cpp#20824): such a
+    run is measured again with ``--repack 0`` (the weights as the GGUF holds them), and so is every later
+    run of the same file and test, which the report then says."""
+    key = f"{gguf.name} {'pp' if prompt else 'tg'}"
+    if key not in no_repack:
+        try:
+            return float(tools.bench(gguf, threads, prompt, generate)["avg_ts"])
+        except LlamaBenchCrashed as crash:
+            out.write(f"{crash}; measuring {key} with --repack 0 from now on\n")
+            no_repack.add(key)
+    return float(tools.bench(gguf, threads, prompt, generate, repack=False)["avg_ts"])
 
 
 def _meta(config: LlamaCppBenchConfig, tools: Any, path: Path) -> dict[str, Any]:

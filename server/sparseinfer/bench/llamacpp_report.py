@@ -37,6 +37,18 @@ def _per_round_ratio(result: dict[str, Any], a: str, b: str) -> float | None:
     return statistics.median(x / y for x, y in zip(xs, ys, strict=True))
 
 
+def _without_repack(meta: dict[str, Any]) -> list[str]:
+    runs = meta.get("llama_cpp_without_repack") or []
+    if not runs:
+        return []
+    return [
+        f"llama-bench crashed (SIGSEGV) with its weight repacking for {', '.join(runs)}: those were "
+        "measured with `--repack 0` (llama.cpp's AMX / repacked quantized matmul on this CPU; "
+        "ggml-org/llama.cpp#20824).",
+        "",
+    ]
+
+
 def format_table(result: dict[str, Any]) -> str:
     meta, memory, extras = result["meta"], result["memory"], result["extras"]
     c = meta["config"]
@@ -58,6 +70,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"(`--weights`). Medians of {c['rounds']} interleaved rounds; ratios are medians of the per-round "
         f"ratios. Read bandwidth in the same rounds (read_bytes, 1 GiB in huge pages): median {bw:.1f} GB/s.",
         "",
+        *_without_repack(meta),
         "| format | llama.cpp tok/s | ours dense, SiLU | ours dense | ours predicted "
         "| dense SiLU / llama.cpp | dense / llama.cpp | predicted / llama.cpp "
         "| dense SiLU weight GB/s | predicted weight GB/s |",

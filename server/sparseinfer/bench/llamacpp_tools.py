@@ -9,6 +9,7 @@ convert_hf_to_gguf.py and gguf-py, and its tools are in DIR/build/bin (or DIR/bi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -21,12 +22,17 @@ from typing import Any, TextIO
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama-cpp-python sdist whose vendored llama.cpp is the baseline
 TOOLS = ("llama-bench", "llama-quantize")
+CONVERTER_NEEDS = ("sentencepiece", "transformers")  # the bench extra: imported by convert_hf_to_gguf.py
 
 
 def default_cache() -> Path:
     """Where the build lives: $XDG_CACHE_HOME/sparseinfer, else ~/.cache/sparseinfer."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "sparseinfer"
+
+
+class LlamaBenchCrashed(RuntimeError):
+    """llama-bench killed by a signal (a crash of llama.cpp itself, not a usage error)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,12 @@ class LlamaCpp:
         (``gguf_convert`` wraps it for our tokenizers)."""
         if _newer(out, checkpoint / "model.safetensors"):
             return out
+        missing = [m for m in CONVERTER_NEEDS if importlib.util.find_spec(m) is None]
+        if missing:  # else the converter dies on the import, deep in a traceback
+            raise RuntimeError(
+                f"llama.cpp's convert_hf_to_gguf.py needs {', '.join(missing)}: "
+                "pip install 'sparseinfer[bench]'"
+            )
         tmp = out.with_suffix(".partial")
         cmd = [sys.executable, "-m", "sparseinfer.bench.gguf_convert", str(self.src), str(checkpoint)]
         cmd += ["--outfile", str(tmp), "--outtype", "bf16"]
@@ -56,11 +68,18 @@ class LlamaCpp:
         tmp.rename(out)
         return out
 
-    def bench(self, model: Path, threads: int, prompt: int, generate: int) -> dict[str, Any]:
-        """One llama-bench run (one repetition): its JSON record (``avg_ts``: tokens/s)."""
+    def bench(
+        self, model: Path, threads: int, prompt: int, generate: int, repack: bool = True
+    ) -> dict[str, Any]:
+        """One llama-bench run (one repetition): its JSON record (``avg_ts``: tokens/s). ``repack`` False:
+        ``--repack 0``, the weights as the file holds them (no AMX or interleaved copies)."""
         cmd = [str(self.bin / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", str(prompt)]
         cmd += ["-n", str(generate), "-r", "1", "-o", "json"]
+        if not repack:
+            cmd += ["--repack", "0"]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode < 0:
+            raise LlamaBenchCrashed(f"llama-bench died of signal {-done.returncode}: {' '.join(cmd)}")
         if done.returncode != 0:
             raise RuntimeError(f"llama-bench failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
         (record,) = json.loads(done.stdout)
