@@ -18,7 +18,8 @@ ENVIRONMENT = [
         "SPARSEINFER_DENSE_LINEAR",
         "sparseinfer",
         "`auto` (default), `torch` or `rows`: the kernel of the dense projections, decided once at load "
-        "(`model/linear.py`)",
+        "(`model/linear.py`). `auto`: our row kernels for every input on a CPU without native bf16; with "
+        "AVX512_BF16 / AMX only for inputs of up to 2 rows (fp16: 4), torch's GEMMs for longer ones",
     ),
     ("SPARSEINFER_HUGEPAGES", "sparseinfer", "`0` keeps CPU weights out of transparent huge pages"),
     (
