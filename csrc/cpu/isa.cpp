@@ -42,7 +42,11 @@ RowKernels choose_row_kernels(WeightType type) {
 
 QuantKernels choose_quant_kernels(QuantFormat format) {
   switch (chosen_isa()) {
-    case Isa::kAvx512:  // AVX2's: see isa.h
+    case Isa::kAvx512:
+      if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) {
+        return avx512_quant_kernels(format);
+      }
+      return avx2_quant_kernels(format);  // every AVX-512 CPU has AVX2
     case Isa::kAvx2:
       return avx2_quant_kernels(format);
     case Isa::kScalar:

@@ -13,11 +13,7 @@ enum class Isa { kScalar, kAvx2, kAvx512 };
 
 Isa chosen_isa();  // raises when SPARSEINFER_CPU_ISA names a path this CPU lacks
 RowKernels choose_row_kernels(WeightType type);
-// The quantized kernels are AVX2's on an AVX-512 CPU too. The same kernels compiled for AVX-512
-// VNNI (vpdpbusd) were measured on a 2-core Sapphire Rapids: GEMVs no faster (both ~28 GB/s of ~32,
-// bandwidth-bound), and a whole q8_0 / q4_0 FFN 25% / 40% slower: the AVX-512 build of the dot
-// products (EVEX code using ymm16-31, more register moves) was the slow part, even for Q4_0 whose
-// source does not use VNNI. A 512-bit down-projection axpy was within 2% of AVX2's.
+// AVX-512 uses its VNNI int8 dot products where the CPU has AVX512_VNNI and AVX512VL; else AVX2's.
 QuantKernels choose_quant_kernels(QuantFormat format);
 
 }  // namespace cpu

@@ -99,6 +99,7 @@ struct QuantKernels {
 
 QuantKernels scalar_quant_kernels(QuantFormat f);
 QuantKernels avx2_quant_kernels(QuantFormat f);
+QuantKernels avx512_quant_kernels(QuantFormat f);  // AVX-512 VNNI int8 dot products (vpdpbusd)
 
 }  // namespace cpu
 }  // namespace sparseinfer

@@ -1,6 +1,6 @@
 // The SIMD kernels over Q8_0 / Q4_0 weights, written once over an int8 dot-product policy `P`
-// (AVX2: vpmaddubsw + vpmaddwd; the only one: isa.h says why not AVX-512 VNNI). Included by
-// quant_avx2.cpp AFTER its `#pragma GCC target`, inside an anonymous namespace (see
+// (AVX2: vpmaddubsw + vpmaddwd; AVX-512 VNNI: vpdpbusd). Included by quant_avx2.cpp and
+// quant_avx512.cpp AFTER their `#pragma GCC target`, inside an anonymous namespace (see
 // row_kernels_simd.h for why).
 #pragma once
 
