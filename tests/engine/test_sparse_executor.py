@@ -226,3 +226,21 @@ def test_one_row_has_no_mask():
     ffn = tiered(w_in, w_up, w_out, "relu2")
     [(union, mask)] = ranked_unions(ffn, torch.randn(1, w_in.shape[1]), (0.25,))
     assert mask is None and union.numel() == round(0.25 * M)
+
+
+def test_predictor_hands_inputs_longer_than_rows_up_to_to_torch(monkeypatch):
+    import sparseinfer.engine.sparse_ffn as sf
+
+    g = torch.Generator().manual_seed(11)
+    parts = [torch.randn(6, D, generator=g), torch.randn(6, generator=g), torch.randn(M, 6, generator=g)]
+    w1, b1, w2 = (t.bfloat16() for t in parts)
+    predictor = LayerPredictor(w1, b1, w2, torch.zeros(M).bfloat16(), 0.3, "relu", rows_up_to=2)
+    ours = []
+    real = sf.ops.linear
+    monkeypatch.setattr(sf.ops, "linear", lambda x, *a: ours.append(x.shape[0]) or real(x, *a))
+    for n in (1, 2, 8):
+        x = torch.randn(n, D, generator=g).bfloat16()
+        want = F.relu(x.float() @ w1.float().t() + b1.float()) @ w2.float().t()
+        got = predictor.scores(x).float()
+        assert (got - want).norm() <= 1e-2 * want.norm()  # bf16 weights, activations and outputs
+    assert ours == [1, 1, 2, 2]  # both projections of the 1- and 2-row inputs; the 8-row one went to torch

@@ -23,7 +23,7 @@ from torch import nn
 from sparseinfer import ops
 from sparseinfer.engine.hugepages import to_hugepages
 from sparseinfer.engine.hybrid import DEFAULT_CROSSOVER, TieredFFN
-from sparseinfer.model.linear import EVERY_INPUT, linear
+from sparseinfer.model.linear import EVERY_INPUT
 from sparseinfer.model.quant import dot_layout, quantizable, quantize_for_dots
 from sparseinfer.model.step import ForwardStep, SparsityMode
 from sparseinfer.sparsity.predictor import LowRankPredictor, strict_logit_threshold
@@ -60,8 +60,10 @@ class LayerPredictor:
         return cls(*(w.detach() for w in weights), score_threshold, p.hidden_activation)
 
     def _project(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, fmt: str) -> torch.Tensor:
-        if fmt == "none":  # model.linear's choice: torch's CPU bf16 GEMV is many times slower at these shapes
-            return linear(x, w, b, self.rows_up_to)
+        # Our kernels (torch's CPU bf16 GEMV is many times slower at these shapes), except where
+        # model.linear hands inputs this long to torch (a CPU with native bf16: its AMX GEMM).
+        if fmt == "none" and x.device.type == "cpu" and x.shape[0] > self.rows_up_to:
+            return F.linear(x, w, b)
         return ops.linear(x, w, b, fmt)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
