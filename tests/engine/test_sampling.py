@@ -7,7 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparseinfer.engine.sampling import RequestSampler, SamplingParams, process_logits, sample_batch
+from sparseinfer.engine.sampling import (
+    RequestSampler,
+    SamplingParams,
+    UnsampleableRow,
+    process_logits,
+    sample_batch,
+    sample_batch_scored,
+)
 
 hf = pytest.importorskip("transformers.generation.logits_process")
 
@@ -175,6 +182,29 @@ def test_sample_frequencies_follow_softmax():
 def test_sample_batch_rejects_mismatched_rows():
     with pytest.raises(ValueError):
         sample_batch(torch.randn(2, 5), [RequestSampler(SamplingParams(), [])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_only_rows_without_a_distribution_are_unsampleable(dtype):
+    """The finite-sum shortcut and the full test together: NaN, +inf or no finite value fails the row alone;
+    -inf entries (masked tokens) and finite values whose sum overflows are still sampled."""
+    big = torch.finfo(dtype).max
+    inf, nan = float("inf"), float("nan")
+    rows = torch.tensor(
+        [
+            [0.0, 1.0, 2.0, 3.0],
+            [0.0, nan, 5.0, 1.0],
+            [0.0, inf, 1.0, 2.0],
+            [-inf, -inf, -inf, -inf],
+            [-inf, 1.0, -inf, 0.5],
+            [big, big, big, 0.0],
+        ]
+    ).to(dtype)
+    samplers = [RequestSampler(SamplingParams(temperature=0.0), []) for _ in range(len(rows))]
+    out = sample_batch_scored(rows, samplers)
+    failed = [isinstance(o, UnsampleableRow) for o in out]
+    assert failed == [False, True, True, True, False, False]
+    assert [o[0] for o, f in zip(out, failed, strict=True) if not f] == [3, 1, 0]
 
 
 @pytest.mark.parametrize(("temperature", "penalty"), [(2e-156, 1.0), (1.0, 1e-300), (1e-45, 1e-300)])
