@@ -43,7 +43,8 @@ RowKernels choose_row_kernels(WeightType type) {
 QuantKernels choose_quant_kernels(QuantFormat format) {
   switch (chosen_isa()) {
     case Isa::kAvx512:
-      if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) {
+      if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+          __builtin_cpu_supports("avx512bw")) {
         return avx512_quant_kernels(format);
       }
       return avx2_quant_kernels(format);  // every AVX-512 CPU has AVX2

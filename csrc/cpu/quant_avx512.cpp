@@ -117,8 +117,8 @@ void qdots_i8_512_n(const uint8_t* w, const uint8_t* next, const int8_t* const* 
     __m512i s0[kRows], s1[kRows];
     for (int r = 0; r < kRows; ++r) s0[r] = s1[r] = _mm512_setzero_si512();
     if constexpr (F == QuantFormat::kQ4_0) {
-      for (int h = 0; h < 2;
-           ++h) {  // chunks 2h, 2h + 1: low nibbles meet x chunks 2h.., high 4 + 2h..
+      // Chunks 2h, 2h + 1: low nibbles meet x chunks 2h, 2h + 1, high ones 2h + 4, 2h + 5.
+      for (int h = 0; h < 2; ++h) {
         const __m512i wv = _mm512_loadu_si512(run + 16 + 64 * h);
         const __m512i lo = _mm512_and_si512(wv, low4);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low4);
@@ -183,29 +183,17 @@ void qdots_i8_512(const uint8_t* w, const uint8_t* next, const int8_t* const* xq
   }
 }
 
-template <QuantFormat F>
-void qgemv_i8_512(const uint8_t* w, int64_t row_bytes, int64_t nw, const int8_t* const* xq,
-                  const float* const* xs, const int32_t* const* xsum, int nrows, int64_t nblk,
-                  float* out, int64_t ldo) {
-  float res[kMaxQDotRows];
-  for (int64_t i = 0; i < nw; ++i) {
-    const uint8_t* next = i + 1 < nw ? w + (i + 1) * row_bytes : nullptr;
-    qdots_i8_512<F>(w + i * row_bytes, next, xq, xs, xsum, nrows, nblk, res);
-    for (int r = 0; r < nrows; ++r) out[r * ldo + i] = res[r];
-  }
-}
-
 }  // namespace
 
 QuantKernels avx512_quant_kernels(QuantFormat f) {
   QuantKernels k = simd_quant_kernels<VnniDot>(f);
   if (f == QuantFormat::kQ8_0) {
     k.dots_i8 = &qdots_i8_512<QuantFormat::kQ8_0>;
-    k.gemv_i8 = &qgemv_i8_512<QuantFormat::kQ8_0>;
+    k.gemv_i8 = &qgemv_i8<VnniDot, QuantFormat::kQ8_0, &qdots_i8_512<QuantFormat::kQ8_0>>;
     k.axpys = &qaxpys512<QuantFormat::kQ8_0>;
   } else {
     k.dots_i8 = &qdots_i8_512<QuantFormat::kQ4_0>;
-    k.gemv_i8 = &qgemv_i8_512<QuantFormat::kQ4_0>;
+    k.gemv_i8 = &qgemv_i8<VnniDot, QuantFormat::kQ4_0, &qdots_i8_512<QuantFormat::kQ4_0>>;
     k.axpys = &qaxpys512<QuantFormat::kQ4_0>;
   }
   return k;

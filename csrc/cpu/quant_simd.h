@@ -188,14 +188,15 @@ void qdots_i8(const uint8_t* w, const uint8_t* next, const int8_t* const* xq,
   }
 }
 
-template <class P, QuantFormat F>
+// `Dots`: the dot product over one interleaved row (qdots_i8, or an ISA's own wider one).
+template <class P, QuantFormat F, auto Dots = &qdots_i8<P, F>>
 void qgemv_i8(const uint8_t* w, int64_t row_bytes, int64_t nw, const int8_t* const* xq,
               const float* const* xs, const int32_t* const* xsum, int nrows, int64_t nblk,
               float* out, int64_t ldo) {
   float res[kMaxQDotRows];
   for (int64_t i = 0; i < nw; ++i) {
     const uint8_t* next = i + 1 < nw ? w + (i + 1) * row_bytes : nullptr;
-    qdots_i8<P, F>(w + i * row_bytes, next, xq, xs, xsum, nrows, nblk, res);
+    Dots(w + i * row_bytes, next, xq, xs, xsum, nrows, nblk, res);
     for (int r = 0; r < nrows; ++r) out[r * ldo + i] = res[r];
   }
 }
