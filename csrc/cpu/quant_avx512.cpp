@@ -148,23 +148,7 @@ void qdots_i8_512_n(const uint8_t* w, const uint8_t* next, const int8_t* const* 
       acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), acc[r]);
     }
   }
-  float tail[kRows] = {};
-  const int64_t done = runs * kGroup;
-  if (done < nblk) {
-    const int8_t* xt[kRows];
-    const float* st[kRows];
-    for (int r = 0; r < kRows; ++r) {
-      xt[r] = xq[r] + done * kQK;
-      st[r] = xs[r] + done;
-    }
-    qdots_n<VnniDot, F, kRows>(w + done * bb, next, xt, st, nblk - done, tail);
-  }
-  for (int r = 0; r < kRows; ++r) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    out[r] = _mm_cvtss_f32(s) + tail[r];
-  }
+  finish_i8_rows<VnniDot, F, kRows>(w, next, xq, xs, runs, nblk, acc, out);
 }
 
 template <QuantFormat F>

@@ -89,6 +89,31 @@ void qdots(const uint8_t* w, const uint8_t* next, const int8_t* const* xq, const
   }
 }
 
+// The end of an interleaved dot product: the plain blocks after the last full run (qdots_n, added
+// last) and the horizontal sum of each row's 8 run lanes `acc`.
+template <class P, QuantFormat F, int kRows>
+inline void finish_i8_rows(const uint8_t* w, const uint8_t* next, const int8_t* const* xq,
+                           const float* const* xs, int64_t runs, int64_t nblk, const __m256* acc,
+                           float* out) {
+  float tail[kRows] = {};
+  const int64_t done = runs * kGroup;
+  if (done < nblk) {
+    const int8_t* xt[kRows];
+    const float* st[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      xt[r] = xq[r] + done * kQK;
+      st[r] = xs[r] + done;
+    }
+    qdots_n<P, F, kRows>(w + done * block_bytes(F), next, xt, st, nblk - done, tail);
+  }
+  for (int r = 0; r < kRows; ++r) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    out[r] = _mm_cvtss_f32(s) + tail[r];
+  }
+}
+
 // The interleaved layout (quant.h): per run of 8 blocks, lane j of each int32 vector collects block
 // j's products, so the run's 8 block sums come out of one register and meet their 8 scales
 // (converted at once) in one multiply-add. Q4_0 multiplies its unsigned nibbles (q + 8) and
@@ -153,23 +178,7 @@ void qdots_i8_n(const uint8_t* w, const uint8_t* next, const int8_t* const* xq,
       acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum[r]), acc[r]);
     }
   }
-  float tail[kRows] = {};
-  const int64_t done = runs * kGroup;
-  if (done < nblk) {
-    const int8_t* xt[kRows];
-    const float* st[kRows];
-    for (int r = 0; r < kRows; ++r) {
-      xt[r] = xq[r] + done * kQK;
-      st[r] = xs[r] + done;
-    }
-    qdots_n<P, F, kRows>(w + done * bb, next, xt, st, nblk - done, tail);
-  }
-  for (int r = 0; r < kRows; ++r) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    out[r] = _mm_cvtss_f32(s) + tail[r];
-  }
+  finish_i8_rows<P, F, kRows>(w, next, xq, xs, runs, nblk, acc, out);
 }
 
 template <class P, QuantFormat F>
