@@ -12,6 +12,7 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "avx512_exit.h"
 #include "quant_simd.h"  // after the pragma: its templates are compiled for AVX-512 VNNI
 
 namespace sparseinfer {
@@ -167,20 +168,19 @@ void qdots_i8_512(const uint8_t* w, const uint8_t* next, const int8_t* const* xq
   }
 }
 
+template <QuantFormat F>
+QuantKernels kernels_512() {
+  return QuantKernels{&CleanExit<&qdots<VnniDot, F>>::call, &CleanExit<&qdots_i8_512<F>>::call,
+                      &CleanExit<&qaxpys512<F>>::call, &CleanExit<&quantize_x>::call,
+                      &CleanExit<&qgemv_i8<VnniDot, F, &qdots_i8_512<F>>>::call};
+}
+
 }  // namespace
 
+// Each kernel wrapped in CleanExit (avx512_exit.h).
 QuantKernels avx512_quant_kernels(QuantFormat f) {
-  QuantKernels k = simd_quant_kernels<VnniDot>(f);
-  if (f == QuantFormat::kQ8_0) {
-    k.dots_i8 = &qdots_i8_512<QuantFormat::kQ8_0>;
-    k.gemv_i8 = &qgemv_i8<VnniDot, QuantFormat::kQ8_0, &qdots_i8_512<QuantFormat::kQ8_0>>;
-    k.axpys = &qaxpys512<QuantFormat::kQ8_0>;
-  } else {
-    k.dots_i8 = &qdots_i8_512<QuantFormat::kQ4_0>;
-    k.gemv_i8 = &qgemv_i8<VnniDot, QuantFormat::kQ4_0, &qdots_i8_512<QuantFormat::kQ4_0>>;
-    k.axpys = &qaxpys512<QuantFormat::kQ4_0>;
-  }
-  return k;
+  return f == QuantFormat::kQ8_0 ? kernels_512<QuantFormat::kQ8_0>()
+                                 : kernels_512<QuantFormat::kQ4_0>();
 }
 
 }  // namespace cpu

@@ -2,9 +2,8 @@
 // with. Compiled for those extensions by the pragma below and only called after the dispatcher
 // (sparse_ffn.cpp) has checked that the CPU has them, so the extension still loads and runs on a
 // CPU without AVX-512. Weights are widened to fp32 in registers (bf16: a 16-bit shift; fp16:
-// vcvtph2ps) and every product accumulates in fp32 with FMA. NOT yet run on hardware: the
-// development machine has no AVX-512 (it compiles there); on a CPU that has it the tests force this
-// path with SPARSEINFER_CPU_ISA=avx512.
+// vcvtph2ps) and every product accumulates in fp32 with FMA. The tests force this path with
+// SPARSEINFER_CPU_ISA=avx512 wherever the CPU has AVX-512F.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -17,6 +16,7 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "avx512_exit.h"
 #include "row_kernels_simd.h"  // after the pragma: its templates are compiled for AVX-512
 
 namespace sparseinfer {
@@ -49,9 +49,25 @@ struct Avx512 {
   }
 };
 
+template <WeightType T>
+RowKernels kernels_512() {
+  return RowKernels{&CleanExit<&dots<Avx512, T>>::call, &CleanExit<&axpys<Avx512, T>>::call};
+}
+
 }  // namespace
 
-RowKernels avx512_row_kernels(WeightType type) { return simd_row_kernels<Avx512>(type); }
+// Each kernel wrapped in CleanExit (avx512_exit.h).
+RowKernels avx512_row_kernels(WeightType type) {
+  switch (type) {
+    case WeightType::kBF16:
+      return kernels_512<WeightType::kBF16>();
+    case WeightType::kF16:
+      return kernels_512<WeightType::kF16>();
+    case WeightType::kF32:
+      break;
+  }
+  return kernels_512<WeightType::kF32>();
+}
 
 }  // namespace cpu
 }  // namespace sparseinfer
