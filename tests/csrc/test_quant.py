@@ -108,6 +108,25 @@ def test_linear_rows_are_batch_independent(isa, fmt):
         assert torch.equal(batch[b : b + 1], ops.linear(x[b : b + 1], q, None, fmt))
 
 
+@pytest.mark.parametrize("fmt", LAYOUTS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_long_calls_at_batch_one(isa, fmt, threads):
+    # Hundreds of rows per kernel call, not a multiple of 4 (the AVX-512 batch-1 GEMV splits a call's
+    # rows into 4 streams and does the last few alone), rows of one full run plus tail blocks: each
+    # output still matches the reference and the same row computed in a batch.
+    q = ops.quantize(_weights(1003, 288, seed=3), fmt)
+    x = torch.randn(5, 288, generator=torch.Generator().manual_seed(5))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        one = torch.cat([ops.linear(x[b : b + 1], q, None, fmt) for b in range(5)])
+        batch = ops.linear(x, q, None, fmt)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, batch)
+    _check_linear(x, q, fmt)
+
+
 def _ffn(B, d, m, fmt, gated, density, masked, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, d, generator=g).to(dtype)
