@@ -134,14 +134,6 @@ inline void run_512(const uint8_t* run, int64_t g, const int8_t* const* xq, cons
   }
 }
 
-// Requests (into L2) the cache lines of run g of the row `next`.
-template <QuantFormat F>
-inline void prefetch_run(const uint8_t* next, int64_t g) {
-  constexpr int64_t run_bytes = kGroup * block_bytes(F);
-  for (int64_t off = 0; off < run_bytes; off += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(next + g * run_bytes + off), _MM_HINT_T2);
-}
-
 // qdots_i8_n on 512-bit registers: two 32-byte chunks of a run per load, so half the instructions
 // per weight byte. Measured end to end on a Sapphire Rapids (benchmarks/results/README.md), batch-1
 // decode of the dense model: +7% in Q8_0, +3% in Q4_0. The weights meet x unsigned: Q8_0 as w + 128
@@ -178,62 +170,13 @@ void qdots_i8_512(const uint8_t* w, const uint8_t* next, const int8_t* const* xq
   }
 }
 
-// The batch-1 GEMV over kStreams streams: the call's rows split into kStreams equal parts, and row
-// i of every part computed in one loop, so that each core keeps several far-apart streams of misses
-// in flight instead of one. Measured on 2 Sapphire Rapids cores, 4096 x 4096 / 11008 x 4096 / 32000
-// x 4096 rows, GB/s: Q4_0 25 / 26 / 27 with one stream, 30-31 / 32-34 / 32-35 with two, 32-33 /
-// 33-35 / 35-37 with four; Q8_0 28 / 29 / 29 -> 30 / 31 / 31 with four. (A plain read loop, one
-// stream per core, measures ~32 GB/s on the same machine.) Each row's arithmetic is run_512's in
-// qdots_i8_512_n's order, so results are bit-identical to it and to any batch's.
-template <QuantFormat F>
-void qgemv_i8_512_streams(const uint8_t* w, int64_t row_bytes, int64_t nw, const int8_t* const* xq,
-                          const float* const* xs, const int32_t* const* xsum, int64_t nblk,
-                          float* out) {
-  constexpr int kStreams = 4;
-  constexpr int64_t run_bytes = kGroup * block_bytes(F);
-  const int64_t runs = nblk / kGroup, part = nw / kStreams;
-  for (int64_t i = 0; i < part; ++i) {
-    const uint8_t* rows[kStreams];
-    const uint8_t* nexts[kStreams];
-    __m256 acc[kStreams][1];
-    for (int s = 0; s < kStreams; ++s) {
-      rows[s] = w + (s * part + i) * row_bytes;
-      nexts[s] = i + 1 < part ? rows[s] + row_bytes : nullptr;
-      acc[s][0] = _mm256_setzero_ps();
-    }
-    for (int64_t g = 0; g < runs; ++g) {
-      for (int s = 0; s < kStreams; ++s) {
-        if (nexts[s] != nullptr) prefetch_run<F>(nexts[s], g);
-      }
-      for (int s = 0; s < kStreams; ++s) {
-        run_512<F, 1>(rows[s] + g * run_bytes, g, xq, xs, xsum, acc[s]);
-      }
-    }
-    for (int s = 0; s < kStreams; ++s) {
-      finish_i8_rows<VnniDot, F, 1>(rows[s], nexts[s], xq, xs, runs, nblk, acc[s],
-                                    out + s * part + i);
-    }
-  }
-  for (int64_t i = kStreams * part; i < nw; ++i) {  // the last nw % kStreams rows, one at a time
-    const uint8_t* next = i + 1 < nw ? w + (i + 1) * row_bytes : nullptr;
-    qdots_i8_512_n<F, 1>(w + i * row_bytes, next, xq, xs, xsum, nblk, out + i);
-  }
-}
-
-template <QuantFormat F>
-void qgemv_i8_512(const uint8_t* w, int64_t row_bytes, int64_t nw, const int8_t* const* xq,
-                  const float* const* xs, const int32_t* const* xsum, int nrows, int64_t nblk,
-                  float* out, int64_t ldo) {
-  if (nrows == 1) return qgemv_i8_512_streams<F>(w, row_bytes, nw, xq, xs, xsum, nblk, out);
-  // More x rows already give each weight row's loads more work to overlap with.
-  qgemv_i8<VnniDot, F, &qdots_i8_512<F>>(w, row_bytes, nw, xq, xs, xsum, nrows, nblk, out, ldo);
-}
-
 template <QuantFormat F>
 QuantKernels kernels_512() {
-  return QuantKernels{&CleanExit<&qdots<VnniDot, F>>::call, &CleanExit<&qdots_i8_512<F>>::call,
-                      &CleanExit<&qaxpys512<F>>::call, &CleanExit<&quantize_x>::call,
-                      &CleanExit<&qgemv_i8_512<F>>::call};
+  return QuantKernels{
+      &CleanExit<&qdots<VnniDot, F>>::call, &CleanExit<&qdots_i8_512<F>>::call,
+      &CleanExit<&qaxpys512<F>>::call, &CleanExit<&quantize_x>::call,
+      &CleanExit<
+          &qgemv_i8<VnniDot, F, &qdots_i8_512<F>, &run_512<F, 1>, &qdots_i8_512_n<F, 1>>>::call};
 }
 
 }  // namespace

@@ -114,6 +114,61 @@ inline void finish_i8_rows(const uint8_t* w, const uint8_t* next, const int8_t* 
   }
 }
 
+// Requests (into L2) the cache lines of run g of the interleaved row `next`.
+template <QuantFormat F>
+inline void prefetch_run(const uint8_t* next, int64_t g) {
+  constexpr int64_t run_bytes = kGroup * block_bytes(F);
+  for (int64_t off = 0; off < run_bytes; off += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(next + g * run_bytes + off), _MM_HINT_T2);
+}
+
+// One run (8 blocks) of an interleaved row against kRows x rows, added into their 8 run lanes.
+template <class P, QuantFormat F, int kRows>
+inline void run_i8(const uint8_t* run, int64_t g, const int8_t* const* xq, const float* const* xs,
+                   const int32_t* const* xsum, __m256* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(run)));
+  __m256i isum[kRows];
+  for (int r = 0; r < kRows; ++r) isum[r] = _mm256_setzero_si256();
+  if constexpr (F == QuantFormat::kQ4_0) {
+    const __m256i m = _mm256_set1_epi8(15);
+    // int16 lanes hold nibble * x pair sums (|.| <= 2 * 15 * 127 = 3810): the 8 of a run add up to
+    // at most 30480, so they are summed in int16 and widened once per run.
+    __m256i p16[kRows];
+    for (int r = 0; r < kRows; ++r) p16[r] = _mm256_setzero_si256();
+    for (int c = 0; c < 4; ++c) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(run + 16 + 32 * c));
+      const __m256i lo = _mm256_and_si256(wv, m),
+                    hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m);
+      for (int r = 0; r < kRows; ++r) {
+        const int8_t* xr = xq[r] + g * kGroup * kQK;
+        const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * c));
+        const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * (c + 4)));
+        p16[r] = _mm256_add_epi16(
+            p16[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)));
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const __m256i sx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xsum[r] + g * kGroup));
+      isum[r] = _mm256_sub_epi32(_mm256_madd_epi16(p16[r], ones), _mm256_slli_epi32(sx, 3));
+    }
+  } else {
+    for (int c = 0; c < 8; ++c) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(run + 16 + 32 * c));
+      const __m256i aw = _mm256_sign_epi8(wv, wv);
+      for (int r = 0; r < kRows; ++r) {
+        const int8_t* xr = xq[r] + g * kGroup * kQK;
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * c));
+        isum[r] = _mm256_add_epi32(isum[r], P::dot_u8s8(aw, _mm256_sign_epi8(xv, wv)));
+      }
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    const __m256 scale = _mm256_mul_ps(dw, _mm256_loadu_ps(xs[r] + g * kGroup));
+    acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum[r]), acc[r]);
+  }
+}
+
 // The interleaved layout (quant.h): per run of 8 blocks, lane j of each int32 vector collects block
 // j's products, so the run's 8 block sums come out of one register and meet their 8 scales
 // (converted at once) in one multiply-add. Q4_0 multiplies its unsigned nibbles (q + 8) and
@@ -122,61 +177,13 @@ inline void finish_i8_rows(const uint8_t* w, const uint8_t* next, const int8_t* 
 template <class P, QuantFormat F, int kRows>
 void qdots_i8_n(const uint8_t* w, const uint8_t* next, const int8_t* const* xq,
                 const float* const* xs, const int32_t* const* xsum, int64_t nblk, float* out) {
-  constexpr int64_t bb = block_bytes(F);
-  constexpr int64_t run_bytes = kGroup * bb;
+  constexpr int64_t run_bytes = kGroup * block_bytes(F);
   const int64_t runs = nblk / kGroup;
   __m256 acc[kRows];
   for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t g = 0; g < runs; ++g) {
-    const uint8_t* run = w + g * run_bytes;
-    if (next != nullptr) {
-      for (int64_t off = 0; off < run_bytes; off += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(next + g * run_bytes + off), _MM_HINT_T2);
-    }
-    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(run)));
-    __m256i isum[kRows];
-    for (int r = 0; r < kRows; ++r) isum[r] = _mm256_setzero_si256();
-    if constexpr (F == QuantFormat::kQ4_0) {
-      const __m256i m = _mm256_set1_epi8(15);
-      // int16 lanes hold nibble * x pair sums (|.| <= 2 * 15 * 127 = 3810): the 8 of a run add up
-      // to
-      // at most 30480, so they are summed in int16 and widened once per run.
-      __m256i p16[kRows];
-      for (int r = 0; r < kRows; ++r) p16[r] = _mm256_setzero_si256();
-      for (int c = 0; c < 4; ++c) {
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(run + 16 + 32 * c));
-        const __m256i lo = _mm256_and_si256(wv, m),
-                      hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m);
-        for (int r = 0; r < kRows; ++r) {
-          const int8_t* xr = xq[r] + g * kGroup * kQK;
-          const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * c));
-          const __m256i xh =
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * (c + 4)));
-          p16[r] = _mm256_add_epi16(
-              p16[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)));
-        }
-      }
-      for (int r = 0; r < kRows; ++r) {
-        const __m256i sx =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xsum[r] + g * kGroup));
-        isum[r] = _mm256_sub_epi32(_mm256_madd_epi16(p16[r], ones), _mm256_slli_epi32(sx, 3));
-      }
-    } else {
-      for (int c = 0; c < 8; ++c) {
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(run + 16 + 32 * c));
-        const __m256i aw = _mm256_sign_epi8(wv, wv);
-        for (int r = 0; r < kRows; ++r) {
-          const int8_t* xr = xq[r] + g * kGroup * kQK;
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * c));
-          isum[r] = _mm256_add_epi32(isum[r], P::dot_u8s8(aw, _mm256_sign_epi8(xv, wv)));
-        }
-      }
-    }
-    for (int r = 0; r < kRows; ++r) {
-      const __m256 scale = _mm256_mul_ps(dw, _mm256_loadu_ps(xs[r] + g * kGroup));
-      acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum[r]), acc[r]);
-    }
+    if (next != nullptr) prefetch_run<F>(next, g);
+    run_i8<P, F, kRows>(w + g * run_bytes, g, xq, xs, xsum, acc);
   }
   finish_i8_rows<P, F, kRows>(w, next, xq, xs, runs, nblk, acc, out);
 }
@@ -197,11 +204,56 @@ void qdots_i8(const uint8_t* w, const uint8_t* next, const int8_t* const* xq,
   }
 }
 
-// `Dots`: the dot product over one interleaved row (qdots_i8, or an ISA's own wider one).
-template <class P, QuantFormat F, auto Dots = &qdots_i8<P, F>>
+// The batch-1 GEMV over kStreams streams: the call's rows split into kStreams equal parts, and row
+// i of every part computed in one loop, so that each core keeps several far-apart streams of misses
+// in flight instead of one. Measured on 2 Sapphire Rapids cores with the AVX-512 kernels, 4096 x
+// 4096 / 11008 x 4096 / 32000 x 4096 rows, GB/s: Q4_0 25 / 26 / 27 with one stream, 30-31 / 32-34 /
+// 32-35 with two, 30-33 / 31-35 / 30-37 with four (six and eight: no better); Q8_0 28 / 29 / 29 ->
+// 27-31 / 30-31 / 30-32 with four. A plain read loop measures 32-34 GB/s on that machine. `Run`
+// (one run of one row, run_i8 or an ISA's wider one) and `Single` (a whole row, for the last
+// nw % kStreams rows) do each row's arithmetic in the same order as `Single` alone (which ends with
+// finish_i8_rows<P, F, 1>): results are bit-identical to it, and so to the same row in any batch.
+template <class P, QuantFormat F, auto Run, auto Single>
+void gemv1_streams(const uint8_t* w, int64_t row_bytes, int64_t nw, const int8_t* const* xq,
+                   const float* const* xs, const int32_t* const* xsum, int64_t nblk, float* out) {
+  constexpr int kStreams = 4;
+  constexpr int64_t run_bytes = kGroup * block_bytes(F);
+  const int64_t runs = nblk / kGroup, part = nw / kStreams;
+  for (int64_t i = 0; i < part; ++i) {
+    const uint8_t* rows[kStreams];
+    const uint8_t* nexts[kStreams];
+    __m256 acc[kStreams][1];
+    for (int s = 0; s < kStreams; ++s) {
+      rows[s] = w + (s * part + i) * row_bytes;
+      nexts[s] = i + 1 < part ? rows[s] + row_bytes : nullptr;
+      acc[s][0] = _mm256_setzero_ps();
+    }
+    for (int64_t g = 0; g < runs; ++g) {
+      for (int s = 0; s < kStreams; ++s) {
+        if (nexts[s] != nullptr) prefetch_run<F>(nexts[s], g);
+      }
+      for (int s = 0; s < kStreams; ++s) Run(rows[s] + g * run_bytes, g, xq, xs, xsum, acc[s]);
+    }
+    for (int s = 0; s < kStreams; ++s) {
+      // The tail blocks and the horizontal sum, as Single ends.
+      finish_i8_rows<P, F, 1>(rows[s], nexts[s], xq, xs, runs, nblk, acc[s], out + s * part + i);
+    }
+  }
+  for (int64_t i = kStreams * part; i < nw; ++i) {  // the last nw % kStreams rows, one at a time
+    Single(w + i * row_bytes, i + 1 < nw ? w + (i + 1) * row_bytes : nullptr, xq, xs, xsum, nblk,
+           out + i);
+  }
+}
+
+// A dense GEMV/GEMM over nw interleaved rows. `Dots`: the dot product over one row for several x
+// rows (qdots_i8, or an ISA's own wider one); `Run` / `Single`: gemv1_streams' kernels at batch 1.
+template <class P, QuantFormat F, auto Dots = &qdots_i8<P, F>, auto Run = &run_i8<P, F, 1>,
+          auto Single = &qdots_i8_n<P, F, 1>>
 void qgemv_i8(const uint8_t* w, int64_t row_bytes, int64_t nw, const int8_t* const* xq,
               const float* const* xs, const int32_t* const* xsum, int nrows, int64_t nblk,
               float* out, int64_t ldo) {
+  if (nrows == 1)
+    return gemv1_streams<P, F, Run, Single>(w, row_bytes, nw, xq, xs, xsum, nblk, out);
   float res[kMaxQDotRows];
   for (int64_t i = 0; i < nw; ++i) {
     const uint8_t* next = i + 1 < nw ? w + (i + 1) * row_bytes : nullptr;
