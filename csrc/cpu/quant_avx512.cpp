@@ -43,10 +43,10 @@ inline void block_q_512(const uint8_t* blk, __m512i* lo, __m512i* hi) {
 // The axpy of quant_simd.h (same terms, same order: one FMA per (coef, weight) pair in ascending
 // i, so bit-identical results), 16 lanes wide. Still compute-bound: every weight costs a widening,
 // a conversion and an FMA on the two 512-bit ports. Measured on one Sapphire Rapids core with the
-// rows in L2: 9.5 GB/s of Q8_0 rows (256-bit: 7.9), 5.1 of Q4_0 (4.4), and 11 GB/s of Q4_0 even
-// with the scale multiply left out, against ~18 GB/s the core reads from DRAM. Summing the down
-// projection in int8 dot products would need W_outᵀ's per-block scales folded into quantized
-// coefficients; not done.
+// rows in L2, through sparse_ffn with zmm16-31 cleared (avx512_exit.h): 13 GB/s of Q8_0 rows and
+// 6.5 of Q4_0, against ~18 GB/s the core reads from DRAM. (Before that fix: 9.5 and 5.1.) Summing
+// the down projection in int8 dot products would need W_outᵀ's per-block scales folded into
+// quantized coefficients; not done.
 template <QuantFormat F, int kNw>
 void qaxpys512_n(const uint8_t* const* ws, const uint8_t* const* nexts, const float* const* coefs,
                  const int32_t* rows, int nrows, float* buf, int64_t ldb, int64_t nblk) {
