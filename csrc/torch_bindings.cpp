@@ -34,4 +34,13 @@ TORCH_LIBRARY(sparseinfer, m) {
   // bandwidth (the yardstick of the benchmarks).
   m.def("read_bytes(Tensor buf) -> int");
   m.def("dequantize(Tensor q, str format) -> Tensor");
+  // One decode step's attention, one new token per row b: q (B, H, hd), k and v (B, KVH, hd) before
+  // the rotary embedding; cos / sin (P, hd) the rope tables. Rotates q and k at positions[b]
+  // (rotate-half, rounded as Hugging Face's apply_rotary_pos_emb in the dtype), writes k and v into
+  // k_cache / v_cache (slots, KVH, max_seq, hd) at [slots[b], :, positions[b]], and returns
+  // softmax(scale q Kᵀ) V over the slot's positions 0..positions[b] (B, H, hd); fp32 math, GQA by
+  // head groups. slots and positions: int64 (B,), distinct slots.
+  m.def(
+      "decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, Tensor slots, Tensor positions, float scale) -> Tensor");
 }

@@ -21,6 +21,44 @@ def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One decode step's attention, one new token per row: rotates q (B, H, hd) and k (B, KVH, hd) at
+    ``positions`` (rope tables ``cos`` / ``sin`` (P, hd)), writes k and v into ``k_cache`` / ``v_cache``
+    (slots, KVH, max_seq, hd) at ``[slots[b], :, positions[b]]``, and returns softmax(scale q Kᵀ) V over
+    each slot's positions up to its own (B, H, hd). slots / positions: int64 (B,) on the CPU."""
+    return torch.ops.sparseinfer.decode_attention.default(
+        q, k, v, cos, sin, k_cache, v_cache, slots, positions, scale
+    )
+
+
+@torch.library.register_fake("sparseinfer::decode_attention")
+def _decode_attention_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    torch._check(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape and k_cache.shape == v_cache.shape)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
 def select_active(
     scores: torch.Tensor, threshold: float = 0.0, top_k: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,42 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * normed.to(x.dtype)
 
 
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One decode step's attention, row by row: Hugging Face's rotary embedding in the dtype, the new key
+    and value stored in the caches (in place), then softmax(scale q Kᵀ) V in fp32 over the slot's
+    positions 0..positions[b], rounded to q's dtype. q (B, H, hd), k / v (B, KVH, hd) -> (B, H, hd)."""
+    out = torch.empty_like(q)
+    group = q.shape[1] // k.shape[1]
+    half = q.shape[-1] // 2
+
+    def rope(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * c + rotated * s
+
+    for b in range(q.shape[0]):
+        slot, pos = int(slots[b]), int(positions[b])
+        c, s = cos[pos], sin[pos]  # (hd,)
+        k_cache[slot, :, pos] = rope(k[b], c, s)
+        v_cache[slot, :, pos] = v[b]
+        keys = k_cache[slot, :, : pos + 1].float().repeat_interleave(group, 0)  # (H, n, hd)
+        values = v_cache[slot, :, : pos + 1].float().repeat_interleave(group, 0)
+        qr = rope(q[b], c, s).float()  # (H, hd)
+        probs = ((keys @ qr[:, :, None])[..., 0] * scale).softmax(-1)  # (H, n)
+        out[b] = (probs[:, None, :] @ values)[:, 0].to(q.dtype)
+    return out
+
+
 def select_active(
     scores: torch.Tensor, threshold: float = 0.0, top_k: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,10 @@ Module and parameter names mirror Hugging Face's (``layers.3.self_attn.q_proj.we
 
 The decode hot path avoids per-step allocation where it can: rope tables are precomputed (and only grown),
 the cache is read through a slice up to the longest live row (a view when the slots are contiguous), and no
-mask is built when every row is at the same position and T == 1.
+mask is built when every row is at the same position and T == 1. On the CPU a decode step (T == 1) runs each
+layer's rope, cache write and attention as one op, ``ops.decode_attention``: in torch ops they cost more than
+the step's sparse FFN (figures: benchmarks/results/README.md); each row attends over its own positions, so
+rows of different lengths need no mask there either.
 """
 
 from __future__ import annotations
@@ -46,6 +49,16 @@ class RMSNorm(nn.Module):
 
 
 @dataclass
+class _CpuDecode:
+    """What ``ops.decode_attention`` needs of a CPU decode step (one new token per row)."""
+
+    cos: torch.Tensor  # (P, hd) the whole rope tables: the op picks each row's position
+    sin: torch.Tensor
+    slots: torch.Tensor  # (B,) int64
+    positions: torch.Tensor  # (B,) int64, each row's new position (its length before the step)
+
+
+@dataclass
 class _Attend:
     """Per-forward attention bookkeeping, computed once and shared by every layer."""
 
@@ -61,6 +74,7 @@ class _Attend:
     # it gets prefilled alone (over the padded length the CPU attention kernel blocks and rounds
     # differently).
     length_groups: list[tuple[int, torch.Tensor]] | None = None
+    cpu_decode: _CpuDecode | None = None  # set: the layers attend through ops.decode_attention
 
     def write(self, buf: torch.Tensor, new: torch.Tensor) -> None:
         """Store ``new`` (B, KVH, T, hd) at each row's positions of cache buffer ``buf``."""
@@ -105,6 +119,21 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
+        if attend.cpu_decode is not None and k_cache is not None and v_cache is not None:
+            dec = attend.cpu_decode  # T == 1: (B, H, 1, hd) views are (B, H, hd) tensors
+            y = ops.decode_attention(
+                q[:, :, 0],
+                k[:, :, 0],
+                v[:, :, 0],
+                dec.cos,
+                dec.sin,
+                k_cache,
+                v_cache,
+                dec.slots,
+                dec.positions,
+                self.head_dim**-0.5,
+            )  # (B, H, hd)
+            return self.o_proj(y.view(B, T, self.num_heads * self.head_dim))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if k_cache is not None and v_cache is not None:
             attend.write(k_cache, k)
@@ -284,6 +313,10 @@ class Transformer(nn.Module):
         window = last + T
         cos_t, sin_t = self._rope(window)
         dev = self.device
+        if T == 1 and dev.type == "cpu":
+            decode = _CpuDecode(cos_t, sin_t, slots_cpu, starts)
+            attend = _Attend(window, None, False, None, None, None, None, cpu_decode=decode)
+            return cos_t, sin_t, attend
         # (B, T) absolute positions, needed unless every row is written through one slice of the cache
         positions = None if (uniform and contiguous) else (starts[:, None] + torch.arange(T)).to(dev)
         if uniform:

@@ -1,0 +1,206 @@
+// One decode step's attention on the CPU, for one new token per row: rotary embedding of q and k,
+// the new key and value written into the row's cache slot, and softmax(scale q Kᵀ) V over the
+// row's own positions, in one op.
+//
+// Why one op: at batch 1 the step's attention is ~15 small torch ops per layer (rope's slices, cat,
+// multiplies and adds, two cache copies, SDPA with its blocking), each paying dispatch and a cold
+// cache after the weight streams; together they cost more than the sparse FFN they sit beside.
+// Each row attends over exactly its positions 0..pos, so rows of different lengths need no mask.
+//
+// Work split: one task per (row, kv head). A task writes its kv head's new key and value, then
+// computes every query head of that group (two at a time, reading each cached key once for both),
+// so no task reads what another writes. The dot products and the value sums are the sparse FFN's
+// row kernels (row_kernels.h, chosen per ISA), whose summation order depends only on head_dim:
+// a row's result does not depend on its batch mates or the thread count.
+//
+// Rounding: the rotary embedding rounds as the unfused torch code does (x·cos and rotate(x)·sin
+// each rounded to the dtype, then their sum), so the cached keys are bit-identical to it. This file
+// is built for baseline x86-64 (no FMA), so the fp32 products are not contracted into an FMA
+// either. Scores, softmax and the weighted sum of values are fp32, rounded once at the end.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "weights.h"
+
+namespace sparseinfer {
+namespace {
+
+constexpr int kHeadsPerPass = cpu::kMaxDotRows;  // query heads sharing one read of the keys
+constexpr int kValuesPerCall = cpu::kMaxAxpyWeights;
+
+// out = x·cos + rotate_half(x)·sin for one head; rotate_half(x) = (-x[half:], x[:half]).
+template <typename T>
+void rope_head(const T* x, const T* cos, const T* sin, int64_t hd, T* out) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < hd; ++i) {
+    const float rot = i < half ? -static_cast<float>(x[i + half]) : static_cast<float>(x[i - half]);
+    const T a = static_cast<T>(static_cast<float>(x[i]) * static_cast<float>(cos[i]));
+    const T b = static_cast<T>(rot * static_cast<float>(sin[i]));
+    out[i] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
+  }
+}
+
+struct Shape {
+  int64_t B, H, KVH, hd, slots, max_seq, positions;
+};
+
+Shape check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& positions) {
+  for (const at::Tensor* t : {&q, &k, &v, &cos, &sin, &k_cache, &v_cache, &slots, &positions})
+    TORCH_CHECK(t->device().is_cpu(), "decode_attention: every tensor must be on the CPU");
+  TORCH_CHECK(q.dim() == 3, "decode_attention: q must be (B, H, head_dim), got ", q.sizes());
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2);
+  TORCH_CHECK(k.dim() == 3 && k.size(0) == B && k.size(2) == hd && k.sizes() == v.sizes(),
+              "decode_attention: k and v must be (B, KVH, head_dim) = (", B, ", KVH, ", hd,
+              "), got ", k.sizes(), " and ", v.sizes());
+  const int64_t KVH = k.size(1);
+  TORCH_CHECK(KVH > 0 && H % KVH == 0, "decode_attention: ", H,
+              " query heads are not a multiple of ", KVH, " kv heads");
+  TORCH_CHECK(hd % 2 == 0, "decode_attention: head_dim must be even, got ", hd);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(1) == KVH && k_cache.size(3) == hd &&
+                  k_cache.sizes() == v_cache.sizes(),
+              "decode_attention: k_cache and v_cache must be (slots, ", KVH, ", max_seq, ", hd,
+              "), got ", k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "decode_attention: the caches must be contiguous");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(1) == hd && cos.sizes() == sin.sizes(),
+              "decode_attention: cos and sin must be (positions, ", hd, "), got ", cos.sizes(),
+              " and ", sin.sizes());
+  const at::ScalarType type = q.scalar_type();
+  for (const at::Tensor* t : {&k, &v, &cos, &sin, &k_cache, &v_cache})
+    TORCH_CHECK(t->scalar_type() == type, "decode_attention: every tensor but slots and positions",
+                " must be in q's dtype ", type, ", got ", t->scalar_type());
+  cpu::weight_type_of(type);  // a dtype the row kernels read
+  for (const at::Tensor* t : {&slots, &positions})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->size(0) == B,
+                "decode_attention: slots and positions must be int64 (B,) = (", B, "), got ",
+                t->scalar_type(), " ", t->sizes());
+  return Shape{B, H, KVH, hd, k_cache.size(0), k_cache.size(2), cos.size(0)};
+}
+
+template <typename T>
+void attend(const Shape& s, const T* q, const T* k, const T* v, const T* cos, const T* sin,
+            T* k_cache, T* v_cache, const int64_t* slots, const int64_t* positions, float scale,
+            T* out) {
+  const cpu::RowKernels rk =
+      cpu::choose_row_kernels(cpu::weight_type_of(c10::CppTypeToScalarType<T>::value));
+  const int64_t group = s.H / s.KVH, hd = s.hd;
+  at::parallel_for(0, s.B * s.KVH, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
+    std::vector<T> q_rot(kHeadsPerPass * hd);
+    std::vector<float> qf(kHeadsPerPass * hd), acc(kHeadsPerPass * hd), probs;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / s.KVH, kvh = task % s.KVH;
+      const int64_t pos = positions[b], n = pos + 1;
+      const T* cs = cos + pos * hd;
+      const T* sn = sin + pos * hd;
+      T* keys = k_cache + (slots[b] * s.KVH + kvh) * s.max_seq * hd;  // (max_seq, hd)
+      T* values = v_cache + (slots[b] * s.KVH + kvh) * s.max_seq * hd;
+      rope_head(k + (b * s.KVH + kvh) * hd, cs, sn, hd, keys + pos * hd);
+      std::copy_n(v + (b * s.KVH + kvh) * hd, hd, values + pos * hd);
+      probs.resize(static_cast<size_t>(n * kHeadsPerPass));
+      for (int64_t h0 = kvh * group; h0 < (kvh + 1) * group; h0 += kHeadsPerPass) {
+        const int rows = static_cast<int>(std::min<int64_t>(kHeadsPerPass, (kvh + 1) * group - h0));
+        const float* xs[kHeadsPerPass];
+        for (int r = 0; r < rows; ++r) {
+          rope_head(q + (b * s.H + h0 + r) * hd, cs, sn, hd, q_rot.data() + r * hd);
+          for (int64_t c = 0; c < hd; ++c) qf[r * hd + c] = static_cast<float>(q_rot[r * hd + c]);
+          xs[r] = qf.data() + r * hd;
+        }
+        // probs[j * kHeadsPerPass + r]: head r's score of key j, then its exp (the layout the value
+        // sums take their coefficients in).
+        float score[kHeadsPerPass];
+        for (int64_t j = 0; j < n; ++j) {
+          rk.dots(keys + j * hd, nullptr, xs, rows, hd, score);
+          for (int r = 0; r < rows; ++r) probs[j * kHeadsPerPass + r] = score[r] * scale;
+        }
+        float inv_sum[kHeadsPerPass];
+        for (int r = 0; r < rows; ++r) {
+          float top = -INFINITY;
+          for (int64_t j = 0; j < n; ++j) top = std::max(top, probs[j * kHeadsPerPass + r]);
+          float sum = 0.f;
+          for (int64_t j = 0; j < n; ++j) {
+            const float e = std::exp(probs[j * kHeadsPerPass + r] - top);
+            probs[j * kHeadsPerPass + r] = e;
+            sum += e;
+          }
+          inv_sum[r] = 1.f / sum;
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        static constexpr int32_t kRows[kHeadsPerPass] = {0, 1};
+        for (int64_t j = 0; j < n; j += kValuesPerCall) {
+          const int nw = static_cast<int>(std::min<int64_t>(kValuesPerCall, n - j));
+          const void* ws[kValuesPerCall];
+          const float* coefs[kValuesPerCall];
+          for (int i = 0; i < nw; ++i) {
+            ws[i] = values + (j + i) * hd;
+            coefs[i] = probs.data() + (j + i) * kHeadsPerPass;
+          }
+          rk.axpys(ws, nw, nullptr, coefs, kRows, rows, acc.data(), hd, hd);
+        }
+        for (int r = 0; r < rows; ++r) {
+          T* o = out + (b * s.H + h0 + r) * hd;
+          for (int64_t c = 0; c < hd; ++c) o[c] = static_cast<T>(acc[r * hd + c] * inv_sum[r]);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                                at::Tensor& v_cache, const at::Tensor& slots,
+                                const at::Tensor& positions, double scale) {
+  const Shape s = check_args(q, k, v, cos, sin, k_cache, v_cache, slots, positions);
+  const at::Tensor slots_c = slots.contiguous(), positions_c = positions.contiguous();
+  const int64_t* slot = slots_c.const_data_ptr<int64_t>();
+  const int64_t* pos = positions_c.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < s.B; ++b) {
+    TORCH_CHECK(slot[b] >= 0 && slot[b] < s.slots, "decode_attention: slots[", b, "] = ", slot[b],
+                " is out of range [0, ", s.slots, ")");
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < std::min(s.max_seq, s.positions),
+                "decode_attention: positions[", b, "] = ", pos[b], " is out of range [0, ",
+                std::min(s.max_seq, s.positions), ") (the cache length and the rope tables)");
+    for (int64_t c = 0; c < b; ++c)  // two rows writing one slot would race
+      TORCH_CHECK(slot[c] != slot[b], "decode_attention: slots[", c, "] and slots[", b,
+                  "] are both ", slot[b]);
+  }
+  at::Tensor out =
+      at::empty({s.B, s.H, s.hd}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (s.B == 0 || s.H == 0) return out;
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
+  const float sc_ = static_cast<float>(scale);
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    attend<T>(s, qc.const_data_ptr<T>(), kc.const_data_ptr<T>(), vc.const_data_ptr<T>(),
+              cc.const_data_ptr<T>(), sc.const_data_ptr<T>(), k_cache.mutable_data_ptr<T>(),
+              v_cache.mutable_data_ptr<T>(), slot, pos, sc_, out.mutable_data_ptr<T>());
+  };
+  switch (q.scalar_type()) {
+    case at::kBFloat16:
+      run(c10::BFloat16{});
+      break;
+    case at::kHalf:
+      run(c10::Half{});
+      break;
+    default:
+      run(float{});
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace sparseinfer
+
+TORCH_LIBRARY_IMPL(sparseinfer, CPU, m) {
+  m.impl("decode_attention", &sparseinfer::decode_attention_cpu);
+}
