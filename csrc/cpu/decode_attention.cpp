@@ -26,6 +26,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "weights.h"
@@ -36,16 +38,68 @@ namespace {
 constexpr int kHeadsPerPass = cpu::kMaxDotRows;  // query heads sharing one read of the keys
 constexpr int kValuesPerCall = cpu::kMaxAxpyWeights;
 
-// out = x·cos + rotate_half(x)·sin for one head; rotate_half(x) = (-x[half:], x[:half]).
+// The op's element types, handled as fp32: widened on load, rounded to T (and kept as fp32) where
+// torch would round, narrowed exactly on store. Per-element c10 conversions (a branch for NaN each)
+// cost more than the attention itself at short windows, so bf16 does both with integer arithmetic
+// on the bits, in loops the compiler vectorises.
 template <typename T>
-void rope_head(const T* x, const T* cos, const T* sin, int64_t hd, T* out) {
-  const int64_t half = hd / 2;
-  for (int64_t i = 0; i < hd; ++i) {
-    const float rot = i < half ? -static_cast<float>(x[i + half]) : static_cast<float>(x[i - half]);
-    const T a = static_cast<T>(static_cast<float>(x[i]) * static_cast<float>(cos[i]));
-    const T b = static_cast<T>(rot * static_cast<float>(sin[i]));
-    out[i] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
+struct Dtype;
+
+template <>
+struct Dtype<float> {
+  static void load(const float* src, int64_t n, float* dst) { std::copy_n(src, n, dst); }
+  static float round(float f) { return f; }
+  static void store(const float* src, int64_t n, float* dst) { std::copy_n(src, n, dst); }
+};
+
+template <>
+struct Dtype<c10::BFloat16> {
+  // A bf16 is the top half of an fp32's bits.
+  static void load(const c10::BFloat16* src, int64_t n, float* dst) {
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t u = static_cast<uint32_t>(src[i].x) << 16;
+      std::memcpy(dst + i, &u, sizeof(u));
+    }
   }
+  // Round to nearest even, NaN to the quiet NaN 0x7FC0: c10::BFloat16's rule.
+  static uint32_t round_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : r;
+  }
+  static float round(float f) {
+    const uint32_t u = round_bits(f);
+    std::memcpy(&f, &u, sizeof(u));
+    return f;
+  }
+  static void store(const float* src, int64_t n, c10::BFloat16* dst) {
+    for (int64_t i = 0; i < n; ++i) dst[i].x = static_cast<uint16_t>(round_bits(src[i]) >> 16);
+  }
+};
+
+template <>
+struct Dtype<c10::Half> {
+  static void load(const c10::Half* src, int64_t n, float* dst) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+  static float round(float f) { return static_cast<float>(static_cast<c10::Half>(f)); }
+  static void store(const float* src, int64_t n, c10::Half* dst) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+  }
+};
+
+// out = x·cos + rotate_half(x)·sin for one head, rotate_half(x) = (-x[half:], x[:half]), each
+// product and the sum rounded to T as torch's elementwise ops round them. All values fp32 (x, cos
+// and sin hold T values).
+template <typename T>
+void rope_head(const float* x, const float* cos, const float* sin, int64_t hd, float* out) {
+  using D = Dtype<T>;
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; ++i)
+    out[i] = D::round(D::round(x[i] * cos[i]) + D::round(-x[i + half] * sin[i]));
+  for (int64_t i = half; i < hd; ++i)
+    out[i] = D::round(D::round(x[i] * cos[i]) + D::round(x[i - half] * sin[i]));
 }
 
 struct Shape {
@@ -95,24 +149,27 @@ void attend(const Shape& s, const T* q, const T* k, const T* v, const T* cos, co
       cpu::choose_row_kernels(cpu::weight_type_of(c10::CppTypeToScalarType<T>::value));
   const int64_t group = s.H / s.KVH, hd = s.hd;
   at::parallel_for(0, s.B * s.KVH, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
-    std::vector<T> q_rot(kHeadsPerPass * hd);
-    std::vector<float> qf(kHeadsPerPass * hd), acc(kHeadsPerPass * hd), probs;
+    using D = Dtype<T>;
+    std::vector<float> in(hd), rot(hd), cf(hd), sf(hd), probs;
+    std::vector<float> qf(kHeadsPerPass * hd), acc(kHeadsPerPass * hd);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.KVH, kvh = task % s.KVH;
       const int64_t pos = positions[b], n = pos + 1;
-      const T* cs = cos + pos * hd;
-      const T* sn = sin + pos * hd;
+      D::load(cos + pos * hd, hd, cf.data());
+      D::load(sin + pos * hd, hd, sf.data());
       T* keys = k_cache + (slots[b] * s.KVH + kvh) * s.max_seq * hd;  // (max_seq, hd)
       T* values = v_cache + (slots[b] * s.KVH + kvh) * s.max_seq * hd;
-      rope_head(k + (b * s.KVH + kvh) * hd, cs, sn, hd, keys + pos * hd);
+      D::load(k + (b * s.KVH + kvh) * hd, hd, in.data());
+      rope_head<T>(in.data(), cf.data(), sf.data(), hd, rot.data());
+      D::store(rot.data(), hd, keys + pos * hd);
       std::copy_n(v + (b * s.KVH + kvh) * hd, hd, values + pos * hd);
       probs.resize(static_cast<size_t>(n * kHeadsPerPass));
       for (int64_t h0 = kvh * group; h0 < (kvh + 1) * group; h0 += kHeadsPerPass) {
         const int rows = static_cast<int>(std::min<int64_t>(kHeadsPerPass, (kvh + 1) * group - h0));
         const float* xs[kHeadsPerPass];
         for (int r = 0; r < rows; ++r) {
-          rope_head(q + (b * s.H + h0 + r) * hd, cs, sn, hd, q_rot.data() + r * hd);
-          for (int64_t c = 0; c < hd; ++c) qf[r * hd + c] = static_cast<float>(q_rot[r * hd + c]);
+          D::load(q + (b * s.H + h0 + r) * hd, hd, in.data());
+          rope_head<T>(in.data(), cf.data(), sf.data(), hd, qf.data() + r * hd);
           xs[r] = qf.data() + r * hd;
         }
         // probs[j * kHeadsPerPass + r]: head r's score of key j, then its exp (the layout the value
@@ -147,8 +204,8 @@ void attend(const Shape& s, const T* q, const T* k, const T* v, const T* cos, co
           rk.axpys(ws, nw, nullptr, coefs, kRows, rows, acc.data(), hd, hd);
         }
         for (int r = 0; r < rows; ++r) {
-          T* o = out + (b * s.H + h0 + r) * hd;
-          for (int64_t c = 0; c < hd; ++c) o[c] = static_cast<T>(acc[r * hd + c] * inv_sum[r]);
+          for (int64_t c = 0; c < hd; ++c) acc[r * hd + c] *= inv_sum[r];
+          D::store(acc.data() + r * hd, hd, out + (b * s.H + h0 + r) * hd);
         }
       }
     }

@@ -59,7 +59,7 @@ def _result():
         "memory": {"bf16": {"resident_bytes": 3_300_000_000, "weight_bytes": parts, "kv_cache_bytes": 10**8}},
         "extras": {
             "bf16": {
-                "projections_gbps": {"attention (q_proj)": 24.0, "lm_head": 27.0},
+                "projections_gbps": {"attention (q/k/v)": 24.0, "lm_head": 27.0},
                 "read_gbps": 30.0,
                 "batches": {"4": {"dense": 40.0, "predicted": 50.0}},
             }

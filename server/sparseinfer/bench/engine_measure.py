@@ -99,8 +99,9 @@ def resident_bytes() -> int:
 
 def projection_bandwidth(engine: Engine, reps: int = 8, seed: int = 0) -> dict[str, float]:
     """GB/s of each kind of batch-1 projection of ``engine`` (weight bytes / time): an attention
-    projection (q_proj, rotated over the layers so no weight sits in cache), lm_head, a predictor, and the
-    sparse FFN over the union its predictor selects (predicted-mode engines only). Medians of ``reps``."""
+    projection (the fused q/k/v one, or q_proj; rotated over the layers so no weight sits in cache),
+    lm_head, a predictor, and the sparse FFN over the union its predictor selects (predicted-mode engines
+    only). Medians of ``reps``."""
     model = engine.model
     d = model.config.hidden_size
     g = torch.Generator().manual_seed(seed)
@@ -115,8 +116,8 @@ def projection_bandwidth(engine: Engine, reps: int = 8, seed: int = 0) -> dict[s
             t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()] if t is not None
         )
 
-    q = [lay.self_attn.q_proj for lay in layers]
-    cases["attention (q_proj)"] = (lambda i: q[i % len(q)](xs[i % len(q)]), nbytes(q[0]))
+    q = [lay.self_attn.qkv_proj or lay.self_attn.q_proj for lay in layers]
+    cases["attention (q/k/v)"] = (lambda i: q[i % len(q)](xs[i % len(q)]), nbytes(q[0]))
     cases["lm_head"] = (lambda i: model.lm_head(xs[0]), nbytes(model.lm_head))
     sparse = [lay.mlp for lay in layers if getattr(lay.mlp, "predictor", None) is not None]
     if sparse:

@@ -71,6 +71,7 @@ def load_engine(model_dir: str | Path, config: EngineConfig, tokenizer: Tokenize
     """Load the checkpoint at ``model_dir`` and build its engine under ``config`` (``tokenizer``: one the
     caller already loaded from the same directory)."""
     from sparseinfer.model import load_model, load_tokenizer
+    from sparseinfer.model.transformer import fuse_attention_projections
     from sparseinfer.sparsity.sidecar import Sidecar
 
     config.validate()
@@ -81,6 +82,7 @@ def load_engine(model_dir: str | Path, config: EngineConfig, tokenizer: Tokenize
         torch.set_num_threads(config.threads)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(directory)
     model = load_model(directory, dtype=config.dtype, dense_linear=config.dense_linear)
+    fuse_attention_projections(model)
     context = int(model.config.max_position_embeddings)
     max_seq = min(config.max_seq, context) if config.max_seq is not None else context
     sparse = config.sparsity

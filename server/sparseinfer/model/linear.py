@@ -83,6 +83,22 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias, self.rows_up_to)
 
 
+def stacked(parts: tuple[Linear, ...]) -> Linear:
+    """One ``Linear`` over the rows of ``parts`` stacked (same input, outputs concatenated): one weight stream
+    and one kernel call where there were several. Each output row is the same dot product as before; our
+    row kernels compute it bit for bit alike, torch's GEMMs up to their blocking. Used for attention's
+    q/k/v; a dense FFN's gate and up were tried too and gained nothing measurable (matrices that large
+    lose a call's overhead in the noise)."""
+    weight = torch.cat([p.weight.detach() for p in parts])  # (sum of out_features, d)
+    has_bias = parts[0].bias is not None
+    fused = Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta", dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+    fused.rows_up_to = parts[0].rows_up_to
+    return fused
+
+
 def use_row_kernels(model: nn.Module, choice: str) -> int:
     """Decide, once, which kernel every ``Linear`` of ``model`` uses (``choice``: see the module docstring);
     returns the ``rows_up_to`` it chose."""
