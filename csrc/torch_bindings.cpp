@@ -22,9 +22,9 @@ TORCH_LIBRARY(sparseinfer, m) {
   m.def(
       "sparse_ffn(Tensor x, Tensor w_in, Tensor? w_up, Tensor w_out_t, Tensor active, "
       "Tensor? row_mask, str activation, float threshold, str weight_format=\"none\") -> Tensor");
-  // y = x weightᵀ + bias: x (B, d), weight (k, d) contiguous in x's dtype, or uint8 (k, d / 32 *
-  // block bytes) for weight_format q8_0 | q4_0; bias (k,) or None; fp32 accumulation, (B, k) in x's
-  // dtype. The dense projections where torch's kernels are slower (or have no such format).
+  // y = x weightᵀ + bias: x (..., d), weight (k, d) contiguous in x's dtype, or uint8 (k, d / 32 *
+  // block bytes) for weight_format q8_0 | q4_0; bias (k,) or None; fp32 accumulation, (..., k) in
+  // x's dtype. The dense projections where torch's kernels are slower (or have no such format).
   m.def("linear(Tensor x, Tensor weight, Tensor? bias, str weight_format=\"none\") -> Tensor");
   // w (rows, d), d % 32 == 0, any float dtype -> uint8 (rows, d / 32 * block bytes): ggml's Q8_0
   // (34-byte blocks) or Q4_0 (18-byte blocks) layout and reference rounding. dequantize: back to
@@ -34,13 +34,15 @@ TORCH_LIBRARY(sparseinfer, m) {
   // bandwidth (the yardstick of the benchmarks).
   m.def("read_bytes(Tensor buf) -> int");
   m.def("dequantize(Tensor q, str format) -> Tensor");
-  // One decode step's attention, one new token per row b: q (B, H, hd), k and v (B, KVH, hd) before
-  // the rotary embedding; cos / sin (P, hd) the rope tables. Rotates q and k at positions[b]
-  // (rotate-half, rounded as Hugging Face's apply_rotary_pos_emb in the dtype), writes k and v into
-  // k_cache / v_cache (slots, KVH, max_seq, hd) at [slots[b], :, positions[b]], and returns
-  // softmax(scale q Kᵀ) V over the slot's positions 0..positions[b] (B, H, hd); fp32 math, GQA by
-  // head groups. slots and positions: int64 (B,), distinct slots.
+  // One decode step's attention, one new token per row b. qkv (B, ..., (H + 2 KVH) hd): each row's
+  // query heads, then its keys and values (the stacked q/k/v projection), before the rotary
+  // embedding; cos / sin (P, hd) the rope tables; k_cache / v_cache (slots, KVH, max_seq, hd).
+  // Rotates q and k at positions[b] (rotate-half, rounded as Hugging Face's apply_rotary_pos_emb in
+  // the dtype), writes k and v into the caches at [slots[b], :, positions[b]], and returns
+  // softmax(scale q Kᵀ) V over the slot's positions 0..positions[b], (B, ..., H hd); fp32 math,
+  // GQA by head groups. slots and positions: int64 (B,), distinct slots.
   m.def(
-      "decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
-      "Tensor(b!) v_cache, Tensor slots, Tensor positions, float scale) -> Tensor");
+      "decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) "
+      "v_cache, "
+      "Tensor slots, Tensor positions, int num_heads, float scale) -> Tensor");
 }

@@ -106,48 +106,49 @@ struct Shape {
   int64_t B, H, KVH, hd, slots, max_seq, positions;
 };
 
-Shape check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
-                 const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& positions) {
-  for (const at::Tensor* t : {&q, &k, &v, &cos, &sin, &k_cache, &v_cache, &slots, &positions})
+Shape check_args(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                 const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                 const at::Tensor& positions, int64_t H) {
+  for (const at::Tensor* t : {&qkv, &cos, &sin, &k_cache, &v_cache, &slots, &positions})
     TORCH_CHECK(t->device().is_cpu(), "decode_attention: every tensor must be on the CPU");
-  TORCH_CHECK(q.dim() == 3, "decode_attention: q must be (B, H, head_dim), got ", q.sizes());
-  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2);
-  TORCH_CHECK(k.dim() == 3 && k.size(0) == B && k.size(2) == hd && k.sizes() == v.sizes(),
-              "decode_attention: k and v must be (B, KVH, head_dim) = (", B, ", KVH, ", hd,
-              "), got ", k.sizes(), " and ", v.sizes());
-  const int64_t KVH = k.size(1);
-  TORCH_CHECK(KVH > 0 && H % KVH == 0, "decode_attention: ", H,
-              " query heads are not a multiple of ", KVH, " kv heads");
-  TORCH_CHECK(hd % 2 == 0, "decode_attention: head_dim must be even, got ", hd);
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(1) == KVH && k_cache.size(3) == hd &&
-                  k_cache.sizes() == v_cache.sizes(),
-              "decode_attention: k_cache and v_cache must be (slots, ", KVH, ", max_seq, ", hd,
-              "), got ", k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1,
+              "decode_attention: slots must be int64 (B,), got ", slots.scalar_type(), " ",
+              slots.sizes());
+  const int64_t B = slots.size(0);
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.sizes() == slots.sizes(),
+              "decode_attention: positions must be int64 (B,) = (", B, "), got ",
+              positions.scalar_type(), " ", positions.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "decode_attention: k_cache and v_cache must be (slots, KVH, max_seq, head_dim), got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(),
               "decode_attention: the caches must be contiguous");
+  const int64_t KVH = k_cache.size(1), hd = k_cache.size(3);
+  TORCH_CHECK(H > 0 && KVH > 0 && H % KVH == 0, "decode_attention: ", H,
+              " query heads are not a multiple of ", KVH, " kv heads");
+  TORCH_CHECK(hd % 2 == 0, "decode_attention: head_dim must be even, got ", hd);
+  const int64_t width = (H + 2 * KVH) * hd;
+  TORCH_CHECK(qkv.dim() >= 1 && qkv.size(-1) == width && qkv.numel() == B * width,
+              "decode_attention: qkv must be (B, ..., (H + 2 KVH) head_dim) = (", B, ", ..., ",
+              width, ") for ", H, " query heads, ", KVH, " kv heads of ", hd, ", got ",
+              qkv.sizes());
   TORCH_CHECK(cos.dim() == 2 && cos.size(1) == hd && cos.sizes() == sin.sizes(),
               "decode_attention: cos and sin must be (positions, ", hd, "), got ", cos.sizes(),
               " and ", sin.sizes());
-  const at::ScalarType type = q.scalar_type();
-  for (const at::Tensor* t : {&k, &v, &cos, &sin, &k_cache, &v_cache})
-    TORCH_CHECK(t->scalar_type() == type, "decode_attention: every tensor but slots and positions",
-                " must be in q's dtype ", type, ", got ", t->scalar_type());
+  const at::ScalarType type = qkv.scalar_type();
+  for (const at::Tensor* t : {&cos, &sin, &k_cache, &v_cache})
+    TORCH_CHECK(t->scalar_type() == type, "decode_attention: cos, sin and the caches must be in ",
+                "qkv's dtype ", type, ", got ", t->scalar_type());
   cpu::weight_type_of(type);  // a dtype the row kernels read
-  for (const at::Tensor* t : {&slots, &positions})
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->size(0) == B,
-                "decode_attention: slots and positions must be int64 (B,) = (", B, "), got ",
-                t->scalar_type(), " ", t->sizes());
   return Shape{B, H, KVH, hd, k_cache.size(0), k_cache.size(2), cos.size(0)};
 }
 
 template <typename T>
-void attend(const Shape& s, const T* q, const T* k, const T* v, const T* cos, const T* sin,
-            T* k_cache, T* v_cache, const int64_t* slots, const int64_t* positions, float scale,
-            T* out) {
+void attend(const Shape& s, const T* qkv, const T* cos, const T* sin, T* k_cache, T* v_cache,
+            const int64_t* slots, const int64_t* positions, float scale, T* out) {
   const cpu::RowKernels rk =
       cpu::choose_row_kernels(cpu::weight_type_of(c10::CppTypeToScalarType<T>::value));
-  const int64_t group = s.H / s.KVH, hd = s.hd;
+  const int64_t group = s.H / s.KVH, hd = s.hd, width = (s.H + 2 * s.KVH) * hd;
   at::parallel_for(0, s.B * s.KVH, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
     using D = Dtype<T>;
     std::vector<float> in(hd), rot(hd), cf(hd), sf(hd), probs;
@@ -159,16 +160,19 @@ void attend(const Shape& s, const T* q, const T* k, const T* v, const T* cos, co
       D::load(sin + pos * hd, hd, sf.data());
       T* keys = k_cache + (slots[b] * s.KVH + kvh) * s.max_seq * hd;  // (max_seq, hd)
       T* values = v_cache + (slots[b] * s.KVH + kvh) * s.max_seq * hd;
-      D::load(k + (b * s.KVH + kvh) * hd, hd, in.data());
+      const T* q = qkv + b * width;  // row b: H query heads, then KVH keys, then KVH values
+      const T* k = q + s.H * hd;
+      const T* v = k + s.KVH * hd;
+      D::load(k + kvh * hd, hd, in.data());
       rope_head<T>(in.data(), cf.data(), sf.data(), hd, rot.data());
       D::store(rot.data(), hd, keys + pos * hd);
-      std::copy_n(v + (b * s.KVH + kvh) * hd, hd, values + pos * hd);
+      std::copy_n(v + kvh * hd, hd, values + pos * hd);
       probs.resize(static_cast<size_t>(n * kHeadsPerPass));
       for (int64_t h0 = kvh * group; h0 < (kvh + 1) * group; h0 += kHeadsPerPass) {
         const int rows = static_cast<int>(std::min<int64_t>(kHeadsPerPass, (kvh + 1) * group - h0));
         const float* xs[kHeadsPerPass];
         for (int r = 0; r < rows; ++r) {
-          D::load(q + (b * s.H + h0 + r) * hd, hd, in.data());
+          D::load(q + (h0 + r) * hd, hd, in.data());
           rope_head<T>(in.data(), cf.data(), sf.data(), hd, qf.data() + r * hd);
           xs[r] = qf.data() + r * hd;
         }
@@ -212,11 +216,10 @@ void attend(const Shape& s, const T* q, const T* k, const T* v, const T* cos, co
   });
 }
 
-at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
-                                at::Tensor& v_cache, const at::Tensor& slots,
-                                const at::Tensor& positions, double scale) {
-  const Shape s = check_args(q, k, v, cos, sin, k_cache, v_cache, slots, positions);
+at::Tensor decode_attention_cpu(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots,
+                                const at::Tensor& positions, int64_t num_heads, double scale) {
+  const Shape s = check_args(qkv, cos, sin, k_cache, v_cache, slots, positions, num_heads);
   const at::Tensor slots_c = slots.contiguous(), positions_c = positions.contiguous();
   const int64_t* slot = slots_c.const_data_ptr<int64_t>();
   const int64_t* pos = positions_c.const_data_ptr<int64_t>();
@@ -230,19 +233,19 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
       TORCH_CHECK(slot[c] != slot[b], "decode_attention: slots[", c, "] and slots[", b,
                   "] are both ", slot[b]);
   }
-  at::Tensor out =
-      at::empty({s.B, s.H, s.hd}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  if (s.B == 0 || s.H == 0) return out;
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  const at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
-  const float sc_ = static_cast<float>(scale);
+  std::vector<int64_t> shape(qkv.sizes().begin(), qkv.sizes().end());
+  shape.back() = s.H * s.hd;
+  at::Tensor out = at::empty(shape, qkv.options().memory_format(at::MemoryFormat::Contiguous));
+  if (s.B == 0) return out;
+  const at::Tensor xc = qkv.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
+  const float scale_f = static_cast<float>(scale);
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    attend<T>(s, qc.const_data_ptr<T>(), kc.const_data_ptr<T>(), vc.const_data_ptr<T>(),
-              cc.const_data_ptr<T>(), sc.const_data_ptr<T>(), k_cache.mutable_data_ptr<T>(),
-              v_cache.mutable_data_ptr<T>(), slot, pos, sc_, out.mutable_data_ptr<T>());
+    attend<T>(s, xc.const_data_ptr<T>(), cc.const_data_ptr<T>(), sc.const_data_ptr<T>(),
+              k_cache.mutable_data_ptr<T>(), v_cache.mutable_data_ptr<T>(), slot, pos, scale_f,
+              out.mutable_data_ptr<T>());
   };
-  switch (q.scalar_type()) {
+  switch (qkv.scalar_type()) {
     case at::kBFloat16:
       run(c10::BFloat16{});
       break;

@@ -34,11 +34,9 @@ void store_float(void* p, int64_t i, float v, at::ScalarType type) {
   }
 }
 
-at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias, c10::string_view weight_format) {
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, c10::string_view weight_format) {
   constexpr const char* kOp = "linear";
-  TORCH_CHECK(x.device().is_cpu(), "linear: x must be on the CPU");
-  TORCH_CHECK(x.dim() == 2, "linear: x must have shape (B, d), got ", x.sizes());
   const at::ScalarType type = x.scalar_type();
   cpu::weight_type_of(type);
   const auto format =
@@ -77,6 +75,19 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight,
     }
   });
   return out;
+}
+
+// x (..., d) -> (..., k): the model's (B, T, d) activations go in as they are, so that a decode
+// step pays no Python-side reshape per projection (each torch call costs microseconds there).
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, c10::string_view weight_format) {
+  TORCH_CHECK(x.device().is_cpu(), "linear: x must be on the CPU");
+  TORCH_CHECK(x.dim() >= 1, "linear: x must have shape (..., d), got a scalar");
+  if (x.dim() == 2) return linear_rows(x, weight, bias, weight_format);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  const at::Tensor out = linear_rows(x.reshape({-1, shape.back()}), weight, bias, weight_format);
+  shape.back() = out.size(1);
+  return out.view(shape);
 }
 
 }  // namespace

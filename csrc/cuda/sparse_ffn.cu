@@ -260,7 +260,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(weight_format == "none",
               "linear: the CUDA path takes weights in x's dtype only (weight_format none), got ",
               std::string(weight_format.data(), weight_format.size()));
-  TORCH_CHECK(x.dim() == 2, "linear: x must have shape (B, d), got ", x.sizes());
+  TORCH_CHECK(x.dim() >= 1, "linear: x must have shape (..., d), got a scalar");
   return at::linear(x, weight, bias);
 }
 

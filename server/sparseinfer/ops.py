@@ -22,41 +22,41 @@ def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 def decode_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slots: torch.Tensor,
     positions: torch.Tensor,
+    num_heads: int,
     scale: float,
 ) -> torch.Tensor:
-    """One decode step's attention, one new token per row: rotates q (B, H, hd) and k (B, KVH, hd) at
-    ``positions`` (rope tables ``cos`` / ``sin`` (P, hd)), writes k and v into ``k_cache`` / ``v_cache``
-    (slots, KVH, max_seq, hd) at ``[slots[b], :, positions[b]]``, and returns softmax(scale q Kᵀ) V over
-    each slot's positions up to its own (B, H, hd). slots / positions: int64 (B,) on the CPU."""
+    """One decode step's attention, one new token per row. ``qkv`` (B, ..., (H + 2 KVH) hd) holds each row's
+    ``num_heads`` query heads, then its keys and values (the stacked q/k/v projection's output). Rotates q
+    and k at ``positions`` (rope tables ``cos`` / ``sin`` (P, hd)), writes k and v into ``k_cache`` /
+    ``v_cache`` (slots, KVH, max_seq, hd) at ``[slots[b], :, positions[b]]``, and returns softmax(scale q Kᵀ)
+    V over each slot's positions up to its own, (B, ..., H hd). slots / positions: int64 (B,) on the CPU."""
     return torch.ops.sparseinfer.decode_attention.default(
-        q, k, v, cos, sin, k_cache, v_cache, slots, positions, scale
+        qkv, cos, sin, k_cache, v_cache, slots, positions, num_heads, scale
     )
 
 
 @torch.library.register_fake("sparseinfer::decode_attention")
 def _decode_attention_fake(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slots: torch.Tensor,
     positions: torch.Tensor,
+    num_heads: int,
     scale: float,
 ) -> torch.Tensor:
-    torch._check(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape and k_cache.shape == v_cache.shape)
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
+    torch._check(k_cache.shape == v_cache.shape and qkv.shape[-1] == (num_heads + 2 * kv_heads) * head_dim)
+    return torch.empty(*qkv.shape[:-1], num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
 
 
 def select_active(
@@ -97,9 +97,10 @@ def sparse_ffn(
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, weight_format: str = "none"
 ) -> torch.Tensor:
-    """``x @ weight.T + bias`` (B, k), fp32 accumulation, at memory bandwidth on the CPU in every dtype
-    (torch's own CPU bf16 GEMV is slow without AVX-512 BF16). weight (k, d) contiguous in x's dtype, or,
-    with ``weight_format`` q8_0 / q4_0 / q8_0_i8 / q4_0_i8, uint8 rows of ggml blocks (``quantize``)."""
+    """``x @ weight.T + bias``: x (..., d) -> (..., k), fp32 accumulation, at memory bandwidth on the CPU in
+    every dtype (torch's own CPU bf16 GEMV is slow without AVX-512 BF16). weight (k, d) contiguous in x's
+    dtype, or, with ``weight_format`` q8_0 / q4_0 / q8_0_i8 / q4_0_i8, uint8 rows of ggml blocks
+    (``quantize``)."""
     return torch.ops.sparseinfer.linear.default(x, weight, bias, weight_format)
 
 
@@ -131,8 +132,8 @@ def _weight_cols(weight: torch.Tensor, weight_format: str) -> int:
 def _linear_fake(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_format: str = "none"
 ) -> torch.Tensor:
-    torch._check(x.dim() == 2 and weight.dim() == 2 and _weight_cols(weight, weight_format) == x.shape[1])
-    return torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    torch._check(x.dim() >= 1 and weight.dim() == 2 and _weight_cols(weight, weight_format) == x.shape[-1])
+    return torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
 
 
 @torch.library.register_fake("sparseinfer::quantize")

@@ -11,29 +11,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def decode_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slots: torch.Tensor,
     positions: torch.Tensor,
+    num_heads: int,
     scale: float,
 ) -> torch.Tensor:
     """One decode step's attention, row by row: Hugging Face's rotary embedding in the dtype, the new key
     and value stored in the caches (in place), then softmax(scale q Kᵀ) V in fp32 over the slot's
-    positions 0..positions[b], rounded to q's dtype. q (B, H, hd), k / v (B, KVH, hd) -> (B, H, hd)."""
-    out = torch.empty_like(q)
-    group = q.shape[1] // k.shape[1]
-    half = q.shape[-1] // 2
+    positions 0..positions[b], rounded to qkv's dtype. qkv (B, ..., (H + 2 KVH) hd) -> (B, ..., H hd)."""
+    B, (kv_heads, hd) = slots.shape[0], (k_cache.shape[1], k_cache.shape[3])
+    rows = qkv.reshape(B, num_heads + 2 * kv_heads, hd)
+    q, k, v = rows.split((num_heads, kv_heads, kv_heads), dim=1)
+    out = torch.empty(B, num_heads, hd, dtype=qkv.dtype)
+    group, half = num_heads // kv_heads, hd // 2
 
     def rope(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * c + rotated * s
 
-    for b in range(q.shape[0]):
+    for b in range(B):
         slot, pos = int(slots[b]), int(positions[b])
         c, s = cos[pos], sin[pos]  # (hd,)
         k_cache[slot, :, pos] = rope(k[b], c, s)
@@ -42,8 +43,8 @@ def decode_attention(
         values = v_cache[slot, :, : pos + 1].float().repeat_interleave(group, 0)
         qr = rope(q[b], c, s).float()  # (H, hd)
         probs = ((keys @ qr[:, :, None])[..., 0] * scale).softmax(-1)  # (H, n)
-        out[b] = (probs[:, None, :] @ values)[:, 0].to(q.dtype)
-    return out
+        out[b] = (probs[:, None, :] @ values)[:, 0].to(qkv.dtype)
+    return out.reshape(*qkv.shape[:-1], num_heads * hd)
 
 
 def select_active(

@@ -44,10 +44,19 @@ def test_row_result_independent_of_batch(isa):
         assert torch.equal(batch[b : b + 1], ops.linear(x[b : b + 1], w)), b
 
 
+@pytest.mark.parametrize("shape", [(77,), (2, 3, 77), (1, 1, 77), (0, 4, 77)])
+def test_any_leading_shape(isa, shape):
+    """x (..., d) -> (..., k), each row as it is computed in a (B, d) call, bit for bit."""
+    x, w, b = torch.randn(shape).bfloat16(), torch.randn(50, 77).bfloat16(), torch.randn(50).bfloat16()
+    got = ops.linear(x, w, b)
+    assert got.shape == (*shape[:-1], 50)
+    assert torch.equal(got.reshape(-1, 50), ops.linear(x.reshape(-1, 77), w, b))
+
+
 @pytest.mark.parametrize(
     ("x", "w", "b", "message"),
     [
-        (torch.randn(8), torch.randn(3, 8), None, "x must have shape"),
+        (torch.tensor(1.0), torch.randn(3, 8), None, "x must have shape"),
         (torch.randn(2, 8), torch.randn(3, 7), None, "weight must have shape"),
         (torch.randn(2, 8), torch.randn(8, 3).t(), None, "weight must be contiguous"),
         (torch.randn(2, 8), torch.randn(3, 8).bfloat16(), None, "weight dtype"),

@@ -69,8 +69,7 @@ def linear(
         and weight.is_contiguous()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):
-        y = ops.linear(x.reshape(-1, x.shape[-1]), weight, bias)  # (N, d_out)
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return ops.linear(x, weight, bias)  # (..., d_out)
     return F.linear(x, weight, bias)
 
 

@@ -51,12 +51,12 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.fmt = fmt
+        self.layout = dot_layout(fmt)  # ops.linear's weight_format of the stored rows
         self.register_buffer("weight", quantize_for_dots(weight, fmt, hugepages), persistent=False)
         self.register_buffer("bias", bias.detach() if bias is not None else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ops.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, dot_layout(self.fmt))  # (N, out)
-        return y.view(*x.shape[:-1], self.out_features)
+        return ops.linear(x, self.weight, self.bias, self.layout)  # (..., out)
 
     @property
     def nbytes(self) -> int:

@@ -134,22 +134,14 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, KVH, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self._project(x)
         if attend.cpu_decode is not None and k_cache is not None and v_cache is not None:
-            dec = attend.cpu_decode  # T == 1
+            dec = attend.cpu_decode  # T == 1; the op reads q, k and v out of the stacked projection
+            qkv = self.qkv_proj(x) if self.qkv_proj is not None else torch.cat(self._project(x), dim=-1)
             y = ops.decode_attention(
-                q.view(B, H, hd),
-                k.view(B, KVH, hd),
-                v.view(B, KVH, hd),
-                dec.cos,
-                dec.sin,
-                k_cache,
-                v_cache,
-                dec.slots,
-                dec.positions,
-                self.head_dim**-0.5,
-            )  # (B, H, hd)
-            return self.o_proj(y.view(B, T, self.num_heads * self.head_dim))
+                qkv, dec.cos, dec.sin, k_cache, v_cache, dec.slots, dec.positions, H, hd**-0.5
+            )  # (B, 1, H hd)
+            return self.o_proj(y)
+        q, k, v = self._project(x)
         q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, KVH, hd).transpose(1, 2)  # (B, KVH, T, hd)
         v = v.view(B, T, KVH, hd).transpose(1, 2)  # (B, KVH, T, hd)
