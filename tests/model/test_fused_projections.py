@@ -1,13 +1,15 @@
-"""Stacked projections (model.linear.stacked, Attention.fuse_qkv): one weight and one call where there were
-three, with outputs unchanged: bit for bit through our row kernels and quantized kernels, which compute each
-row on its own."""
+"""Stacked projections (model.linear.stacked, Attention.fuse_qkv, FFN.fuse_gate_up): one weight and one call
+where there were several, with outputs unchanged: bit for bit through our row kernels and quantized kernels,
+which compute each row on its own."""
 
 import pytest
 import torch
 
 from sparseinfer.engine.factory import EngineConfig, load_engine
+from sparseinfer.engine.placement import BYTES_PER_WEIGHT
 from sparseinfer.model import linear as lin
 from sparseinfer.model import load_model
+from sparseinfer.model.ffn import FFN
 from sparseinfer.model.quant import QuantizedLinear
 from sparseinfer.model.transformer import fuse_attention_projections
 
@@ -64,8 +66,25 @@ def test_fuse_qkv_leaves_decoding_unchanged(make_hf_checkpoint, attention_bias) 
     assert torch.equal(after, before)
 
 
-def test_engine_loads_fused_quantized_attention(tiny_llama_checkpoint) -> None:
+def test_fuse_gate_up_leaves_decoding_unchanged(tiny_llama_checkpoint) -> None:
+    model = load_model(tiny_llama_checkpoint, dtype=torch.bfloat16, dense_linear="rows")
+    prompt = torch.tensor([[5, 9, 2, 7]])
+    with torch.no_grad():
+        before = _greedy_logits(model, prompt, 6)
+        for module in model.modules():
+            if isinstance(module, FFN):
+                module.fuse_gate_up()
+        after = _greedy_logits(model, prompt, 6)
+    mlp = model.layers[0].mlp
+    assert mlp.gate_up_proj is not None and mlp.up_proj is None and not hasattr(mlp, "gate_proj")
+    assert torch.equal(after, before)
+
+
+def test_engine_loads_fused_quantized_projections(tiny_llama_checkpoint) -> None:
     engine = load_engine(tiny_llama_checkpoint, EngineConfig(max_seq=32, weights="q8_0"))
-    attn = engine.model.layers[0].self_attn
-    assert isinstance(attn.qkv_proj, QuantizedLinear) and attn.qkv_proj.fmt == "q8_0"
-    assert not hasattr(attn, "q_proj")
+    layer, d = engine.model.layers[0], engine.model.config.hidden_size
+    assert isinstance(layer.self_attn.qkv_proj, QuantizedLinear) and layer.self_attn.qkv_proj.fmt == "q8_0"
+    assert not hasattr(layer.self_attn, "q_proj")
+    assert isinstance(layer.mlp.gate_up_proj, QuantizedLinear) and layer.mlp.gate_up_proj.fmt == "q8_0"
+    # The sparsity report's byte counts still see a gated q8_0 FFN: gate, up and down rows per neuron.
+    assert engine._neuron_bytes[0] == round(3 * d * BYTES_PER_WEIGHT["q8_0"])

@@ -71,6 +71,7 @@ def load_engine(model_dir: str | Path, config: EngineConfig, tokenizer: Tokenize
     """Load the checkpoint at ``model_dir`` and build its engine under ``config`` (``tokenizer``: one the
     caller already loaded from the same directory)."""
     from sparseinfer.model import load_model, load_tokenizer
+    from sparseinfer.model.ffn import FFN
     from sparseinfer.model.transformer import fuse_attention_projections
     from sparseinfer.sparsity.sidecar import Sidecar
 
@@ -99,6 +100,9 @@ def load_engine(model_dir: str | Path, config: EngineConfig, tokenizer: Tokenize
         )
     elif sparse.mode != SparsityMode.DENSE:
         raise ValueError(f"--sparsity {sparse.mode}: this model has FFN biases and can only run dense")
+    for module in model.modules():  # the dense FFNs no sparse runtime took over
+        if isinstance(module, FFN):
+            module.fuse_gate_up()
     if config.weights != "checkpoint":
         # Every projection the runtime did not take over (attention, lm_head; the FFN of a dense model):
         # the float weights go with the replaced modules.

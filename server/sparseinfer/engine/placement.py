@@ -57,9 +57,10 @@ def neuron_bytes(model: Transformer, weights: str | None = None) -> int:
     """Weight bytes of one FFN neuron: its gate row, up row (gated FFNs) and down-projection column, in
     ``weights`` (a ``model.quant`` format, or "checkpoint": the model dtype); None: as the model has them."""
     mlp = model.layers[0].mlp
-    rows = 3 if getattr(mlp, "up_proj", None) is not None else 2
-    if weights is None:
-        weights = getattr(getattr(mlp, "gate_proj", None), "fmt", "checkpoint")
+    rows = 3 if model.config.ffn_gated else 2
+    if weights is None:  # a dense FFN's in-projection, stacked with the up one or not (FFN.fuse_gate_up)
+        proj = getattr(mlp, "gate_up_proj", None) or getattr(mlp, "gate_proj", None)
+        weights = getattr(proj, "fmt", "checkpoint")
     per = BYTES_PER_WEIGHT[weights] if weights != "checkpoint" else model.dtype.itemsize
     return round(rows * model.config.hidden_size * per)
 

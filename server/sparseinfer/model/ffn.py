@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseinfer.model.config import ModelConfig
-from sparseinfer.model.linear import Linear
+from sparseinfer.model.linear import Linear, stacked
 from sparseinfer.model.step import ForwardStep
 
 
@@ -62,15 +62,31 @@ class FFN(nn.Module):
         self.gate_proj = Linear(d, m, bias=bias)  # W_gate (gated) or W_in (non-gated)
         self.up_proj = Linear(d, m, bias=bias) if self.gated else None
         self.down_proj = Linear(m, d, bias=bias)  # W_out, weight (d, m)
+        self.m = m
+        self.gate_up_proj: nn.Module | None = None  # set by ``fuse_gate_up``, which then drops both
         self.act = activation_fn(config.activation, config.activation_threshold)
+
+    def fuse_gate_up(self) -> None:
+        """Gated: replace gate_proj and up_proj by one projection over their rows stacked
+        (``linear.stacked``), for a dense model's decode: in one process, alternate rounds, dense decode of
+        the 4-layer 7B shape ran 1.02× (q8_0, q4_0) faster on the 2-core SPR. After it nothing can hook
+        gate_proj, so the engine fuses only the FFNs no sparse runtime took over."""
+        if self.up_proj is None or self.gate_up_proj is not None:
+            return
+        self.gate_up_proj = stacked((self.gate_proj, self.up_proj))  # (2m, d)
+        del self.gate_proj, self.up_proj
+        self.up_proj = None
 
     def neuron_activations(self, x: torch.Tensor) -> torch.Tensor:
         """h for every neuron: (..., d) -> (..., m)."""
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (..., m) each
+            return hidden(self.act, self.activation, gate, up)
         up = self.up_proj(x) if self.up_proj is not None else None  # (..., m)
         return hidden(self.act, self.activation, self.gate_proj(x), up)  # (..., m)
 
     def forward(self, x: torch.Tensor, step: ForwardStep | None = None) -> torch.Tensor:
         if step is not None:  # every neuron of every real token; served by the GPU when the model is there
-            m = self.gate_proj.weight.shape[0]
+            m = self.m
             step.record_dense(self.layer, m, m if x.device.type == "cuda" else 0, x.shape[1])
         return self.down_proj(self.neuron_activations(x))  # (..., d)

@@ -86,8 +86,7 @@ def stacked(parts: tuple[Linear, ...]) -> Linear:
     """One ``Linear`` over the rows of ``parts`` stacked (same input, outputs concatenated): one weight stream
     and one kernel call where there were several. Each output row is the same dot product as before; our
     row kernels compute it bit for bit alike, torch's GEMMs up to their blocking. Used for attention's
-    q/k/v; a dense FFN's gate and up were tried too and gained nothing measurable (matrices that large
-    lose a call's overhead in the noise)."""
+    q/k/v and a dense FFN's gate and up."""
     weight = torch.cat([p.weight.detach() for p in parts])  # (sum of out_features, d)
     has_bias = parts[0].bias is not None
     fused = Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta", dtype=weight.dtype)
