@@ -69,7 +69,7 @@ class FFN(nn.Module):
     def fuse_gate_up(self) -> None:
         """Gated: replace gate_proj and up_proj by one projection over their rows stacked
         (``linear.stacked``), for a dense model's decode: in one process, alternate rounds, dense decode of
-        the 4-layer 7B shape ran 1.02× (q8_0, q4_0) faster on the 2-core SPR. After it nothing can hook
+        the 4-layer 7B shape ran 1.02× as fast (q8_0 and q4_0) on the 2-core SPR. After it nothing can hook
         gate_proj, so the engine fuses only the FFNs no sparse runtime took over."""
         if self.up_proj is None or self.gate_up_proj is not None:
             return

@@ -16,9 +16,9 @@ Module and parameter names mirror Hugging Face's (``layers.3.self_attn.q_proj.we
 The decode hot path avoids per-step allocation where it can: rope tables are precomputed (and only grown),
 the cache is read through a slice up to the longest live row (a view when the slots are contiguous), and no
 mask is built when every row is at the same position and T == 1. On the CPU a decode step (T == 1) runs each
-layer's rope, cache write and attention as one op, ``ops.decode_attention``: in torch ops they cost more than
-the step's sparse FFN (figures: benchmarks/results/README.md); each row attends over its own positions, so
-rows of different lengths need no mask there either.
+layer's rope, cache write and attention as one op, ``ops.decode_attention`` (in torch ops they took ~260 µs
+per layer of a q4_0 step on the 2-core SPR, as one op ~110 µs: benchmarks/results/README.md); each row
+attends over its own positions, so rows of different lengths need no mask there either.
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ class Attention(nn.Module):
 
     def fuse_qkv(self) -> None:
         """Replace q_proj, k_proj and v_proj by one projection over their rows stacked (``stacked``): on the
-        2-core SPR, q4_0 predicted decode of the 4-layer 7B shape ran 6-8% faster (benchmarks/results/
-        README.md)."""
+        2-core SPR, q4_0 predicted decode of the 4-layer 7B shape ran 1.04-1.10× as fast (alternate rounds in
+        one process; benchmarks/results/README.md)."""
         fused = stacked((self.q_proj, self.k_proj, self.v_proj))  # ((H + 2 KVH) hd, d)
         del self.q_proj, self.k_proj, self.v_proj
         self.qkv_proj = fused
