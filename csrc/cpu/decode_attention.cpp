@@ -37,6 +37,7 @@ namespace sparseinfer {
 namespace {
 
 constexpr int kHeadsPerPass = cpu::kMaxDotRows;  // query heads sharing one read of the keys
+static_assert(kHeadsPerPass == 2, "attend's row list {0, 1} assumes two heads per pass");
 constexpr int kValuesPerCall = cpu::kMaxAxpyWeights;
 
 // The op's element types, handled as fp32: widened on load, rounded to T (and kept as fp32) where
