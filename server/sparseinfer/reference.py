@@ -2,6 +2,8 @@
 
 import torch
 
+from sparseinfer.model.rope import apply_rope
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Hugging Face's LlamaRMSNorm, step for step: fp32 statistics, round, then scale by the weight."""
@@ -28,20 +30,15 @@ def decode_attention(
     rows = qkv.reshape(B, num_heads + 2 * kv_heads, hd)
     q, k, v = rows.split((num_heads, kv_heads, kv_heads), dim=1)
     out = torch.empty(B, num_heads, hd, dtype=qkv.dtype)
-    group, half = num_heads // kv_heads, hd // 2
-
-    def rope(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * c + rotated * s
-
+    group = num_heads // kv_heads
     for b in range(B):
         slot, pos = int(slots[b]), int(positions[b])
         c, s = cos[pos], sin[pos]  # (hd,)
-        k_cache[slot, :, pos] = rope(k[b], c, s)
+        k_cache[slot, :, pos] = apply_rope(k[b], c, s)  # the model's rotate-half, in the dtype
         v_cache[slot, :, pos] = v[b]
         keys = k_cache[slot, :, : pos + 1].float().repeat_interleave(group, 0)  # (H, n, hd)
         values = v_cache[slot, :, : pos + 1].float().repeat_interleave(group, 0)
-        qr = rope(q[b], c, s).float()  # (H, hd)
+        qr = apply_rope(q[b], c, s).float()  # (H, hd)
         probs = ((keys @ qr[:, :, None])[..., 0] * scale).softmax(-1)  # (H, n)
         out[b] = (probs[:, None, :] @ values)[:, 0].to(qkv.dtype)
     return out.reshape(*qkv.shape[:-1], num_heads * hd)

@@ -11,7 +11,7 @@ from sparseinfer.model import linear as lin
 from sparseinfer.model import load_model
 from sparseinfer.model.ffn import FFN
 from sparseinfer.model.quant import QuantizedLinear
-from sparseinfer.model.transformer import fuse_attention_projections
+from sparseinfer.model.transformer import stack_projections
 
 
 def _linears(sizes, d, bias, dtype):
@@ -59,7 +59,7 @@ def test_fuse_qkv_leaves_decoding_unchanged(make_hf_checkpoint, attention_bias) 
     prompt = torch.tensor([[5, 9, 2, 7]])
     with torch.no_grad():
         before = _greedy_logits(model, prompt, 6)
-        fuse_attention_projections(model)
+        stack_projections(model)
         after = _greedy_logits(model, prompt, 6)
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     assert "qkv_proj" in names and not names & {"q_proj", "k_proj", "v_proj"}

@@ -71,8 +71,7 @@ def load_engine(model_dir: str | Path, config: EngineConfig, tokenizer: Tokenize
     """Load the checkpoint at ``model_dir`` and build its engine under ``config`` (``tokenizer``: one the
     caller already loaded from the same directory)."""
     from sparseinfer.model import load_model, load_tokenizer
-    from sparseinfer.model.ffn import FFN
-    from sparseinfer.model.transformer import fuse_attention_projections
+    from sparseinfer.model.transformer import stack_projections
     from sparseinfer.sparsity.sidecar import Sidecar
 
     config.validate()
@@ -83,7 +82,6 @@ def load_engine(model_dir: str | Path, config: EngineConfig, tokenizer: Tokenize
         torch.set_num_threads(config.threads)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(directory)
     model = load_model(directory, dtype=config.dtype, dense_linear=config.dense_linear)
-    fuse_attention_projections(model)
     context = int(model.config.max_position_embeddings)
     max_seq = min(config.max_seq, context) if config.max_seq is not None else context
     sparse = config.sparsity
@@ -100,9 +98,7 @@ def load_engine(model_dir: str | Path, config: EngineConfig, tokenizer: Tokenize
         )
     elif sparse.mode != SparsityMode.DENSE:
         raise ValueError(f"--sparsity {sparse.mode}: this model has FFN biases and can only run dense")
-    for module in model.modules():  # the dense FFNs no sparse runtime took over
-        if isinstance(module, FFN):
-            module.fuse_gate_up()
+    stack_projections(model)
     if config.weights != "checkpoint":
         # Every projection the runtime did not take over (attention, lm_head; the FFN of a dense model):
         # the float weights go with the replaced modules.

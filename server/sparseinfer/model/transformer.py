@@ -210,11 +210,14 @@ class Block(nn.Module):
         return x + f * self.residual_scale if self.residual_scale != 1.0 else x + f
 
 
-def fuse_attention_projections(model: nn.Module) -> None:
-    """``Attention.fuse_qkv`` on every attention of ``model`` (the engine does this at load)."""
+def stack_projections(model: nn.Module) -> None:
+    """``Attention.fuse_qkv`` on every attention of ``model`` and ``FFN.fuse_gate_up`` on every dense FFN
+    left in it (the engine does this at load, after its sparse runtime took the FFNs it runs)."""
     for module in model.modules():
         if isinstance(module, Attention) and module.qkv_proj is None:
             module.fuse_qkv()
+        elif isinstance(module, FFN):
+            module.fuse_gate_up()
 
 
 class Transformer(nn.Module):
@@ -333,7 +336,16 @@ class Transformer(nn.Module):
         dev = self.device
         if T == 1 and dev.type == "cpu":
             decode = _CpuDecode(cos_t, sin_t, slots_cpu, starts)
-            attend = _Attend(window, None, False, None, None, None, None, cpu_decode=decode)
+            attend = _Attend(
+                window=window,
+                mask=None,
+                is_causal=False,
+                slot_slice=None,
+                slots=None,
+                start=None,
+                positions=None,
+                cpu_decode=decode,
+            )
             return cos_t, sin_t, attend
         # (B, T) absolute positions, needed unless every row is written through one slice of the cache
         positions = None if (uniform and contiguous) else (starts[:, None] + torch.arange(T)).to(dev)
