@@ -70,6 +70,7 @@ struct QuantizedRows {
 };
 
 constexpr int kMaxQDotRows = 4;
+constexpr int kMaxGatherRows = 4;  // weight rows one gather_i8 call computes together
 
 struct QuantKernels {
   // out[r] = sum over the nblk blocks of (d_w * xs[r]) * (w block . xq[r] block), r < nrows
@@ -95,6 +96,13 @@ struct QuantKernels {
   void (*gemv_i8)(const uint8_t* w, int64_t row_bytes, int64_t nw, const int8_t* const* xq,
                   const float* const* xs, const int32_t* const* xsum, int nrows, int64_t nblk,
                   float* out, int64_t ldo);
+  // dots_i8 of one x row (xq, xs, xsum: its blocks) with nw <= kMaxGatherRows scattered weight
+  // rows ws[i] -> out[i], computed together run by run, so that a core has several rows' misses in
+  // flight (a sparse gather at batch 1 that reads one row after another is latency-bound).
+  // nexts[i]: a row read after these (prefetched), or nullptr. Bit-identical to dots_i8 over each
+  // row alone.
+  void (*gather_i8)(const uint8_t* const* ws, const uint8_t* const* nexts, int nw, const int8_t* xq,
+                    const float* xs, const int32_t* xsum, int64_t nblk, float* out);
 };
 
 QuantKernels scalar_quant_kernels(QuantFormat f);

@@ -173,10 +173,13 @@ void qdots_i8_512(const uint8_t* w, const uint8_t* next, const int8_t* const* xq
 template <QuantFormat F>
 QuantKernels kernels_512() {
   return QuantKernels{
-      &CleanExit<&qdots<VnniDot, F>>::call, &CleanExit<&qdots_i8_512<F>>::call,
-      &CleanExit<&qaxpys512<F>>::call, &CleanExit<&quantize_x>::call,
+      &CleanExit<&qdots<VnniDot, F>>::call,
+      &CleanExit<&qdots_i8_512<F>>::call,
+      &CleanExit<&qaxpys512<F>>::call,
+      &CleanExit<&quantize_x>::call,
       &CleanExit<
-          &qgemv_i8<VnniDot, F, &qdots_i8_512<F>, &run_512<F, 1>, &qdots_i8_512_n<F, 1>>>::call};
+          &qgemv_i8<VnniDot, F, &qdots_i8_512<F>, &run_512<F, 1>, &qdots_i8_512_n<F, 1>>>::call,
+      &CleanExit<&qgather_i8<VnniDot, F, &run_512<F, 1>>>::call};
 }
 
 }  // namespace

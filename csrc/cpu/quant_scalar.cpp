@@ -274,6 +274,12 @@ void gemv_i8(const uint8_t* w, int64_t row_bytes, int64_t nw, const int8_t* cons
 }
 
 template <QuantFormat F>
+void gather_i8(const uint8_t* const* ws, const uint8_t* const*, int nw, const int8_t* xq,
+               const float* xs, const int32_t* xsum, int64_t nblk, float* out) {
+  for (int i = 0; i < nw; ++i) dots_i8<F>(ws[i], nullptr, &xq, &xs, &xsum, 1, nblk, out + i);
+}
+
+template <QuantFormat F>
 void axpys(const uint8_t* const* ws, int nw, const uint8_t* const*, const float* const* coefs,
            const int32_t* rows, int nrows, float* buf, int64_t ldb, int64_t nblk) {
   constexpr int64_t bb = block_bytes(F);
@@ -298,12 +304,12 @@ void axpys(const uint8_t* const* ws, int nw, const uint8_t* const*, const float*
 
 QuantKernels scalar_quant_kernels(QuantFormat f) {
   if (f == QuantFormat::kQ8_0)
-    return QuantKernels{&dots<QuantFormat::kQ8_0>, &dots_i8<QuantFormat::kQ8_0>,
-                        &axpys<QuantFormat::kQ8_0>, &quantize_activations_scalar,
-                        &gemv_i8<QuantFormat::kQ8_0>};
-  return QuantKernels{&dots<QuantFormat::kQ4_0>, &dots_i8<QuantFormat::kQ4_0>,
-                      &axpys<QuantFormat::kQ4_0>, &quantize_activations_scalar,
-                      &gemv_i8<QuantFormat::kQ4_0>};
+    return QuantKernels{&dots<QuantFormat::kQ8_0>,    &dots_i8<QuantFormat::kQ8_0>,
+                        &axpys<QuantFormat::kQ8_0>,   &quantize_activations_scalar,
+                        &gemv_i8<QuantFormat::kQ8_0>, &gather_i8<QuantFormat::kQ8_0>};
+  return QuantKernels{&dots<QuantFormat::kQ4_0>,    &dots_i8<QuantFormat::kQ4_0>,
+                      &axpys<QuantFormat::kQ4_0>,   &quantize_activations_scalar,
+                      &gemv_i8<QuantFormat::kQ4_0>, &gather_i8<QuantFormat::kQ4_0>};
 }
 
 }  // namespace cpu

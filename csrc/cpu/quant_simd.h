@@ -213,31 +213,41 @@ void qdots_i8(const uint8_t* w, const uint8_t* next, const int8_t* const* xq,
 // (one run of one row, run_i8 or an ISA's wider one) and `Single` (a whole row, for the last
 // nw % kStreams rows) do each row's arithmetic in the same order as `Single` alone (which ends with
 // finish_i8_rows<P, F, 1>): results are bit-identical to it, and so to the same row in any batch.
+// kN weight rows against one x row, run by run (`Run`: run_i8 or an ISA's wider one), each row
+// ending as qdots_i8_n<P, F, 1> does (finish_i8_rows): row s's result, out[s * stride], is
+// bit-identical to that row's alone. nexts[s]: prefetched meanwhile, or nullptr.
+template <class P, QuantFormat F, auto Run, int kN>
+inline void rows_together(const uint8_t* const* ws, const uint8_t* const* nexts,
+                          const int8_t* const* xq, const float* const* xs,
+                          const int32_t* const* xsum, int64_t nblk, float* out, int64_t stride) {
+  constexpr int64_t run_bytes = kGroup * block_bytes(F);
+  const int64_t runs = nblk / kGroup;
+  __m256 acc[kN][1];
+  for (int s = 0; s < kN; ++s) acc[s][0] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < runs; ++g) {
+    for (int s = 0; s < kN; ++s) {
+      if (nexts[s] != nullptr) prefetch_run<F>(nexts[s], g);
+    }
+    for (int s = 0; s < kN; ++s) Run(ws[s] + g * run_bytes, g, xq, xs, xsum, acc[s]);
+  }
+  for (int s = 0; s < kN; ++s) {
+    finish_i8_rows<P, F, 1>(ws[s], nexts[s], xq, xs, runs, nblk, acc[s], out + s * stride);
+  }
+}
+
 template <class P, QuantFormat F, auto Run, auto Single>
 void gemv1_streams(const uint8_t* w, int64_t row_bytes, int64_t nw, const int8_t* const* xq,
                    const float* const* xs, const int32_t* const* xsum, int64_t nblk, float* out) {
   constexpr int kStreams = 4;
-  constexpr int64_t run_bytes = kGroup * block_bytes(F);
-  const int64_t runs = nblk / kGroup, part = nw / kStreams;
+  const int64_t part = nw / kStreams;
   for (int64_t i = 0; i < part; ++i) {
     const uint8_t* rows[kStreams];
     const uint8_t* nexts[kStreams];
-    __m256 acc[kStreams][1];
     for (int s = 0; s < kStreams; ++s) {
       rows[s] = w + (s * part + i) * row_bytes;
       nexts[s] = i + 1 < part ? rows[s] + row_bytes : nullptr;
-      acc[s][0] = _mm256_setzero_ps();
     }
-    for (int64_t g = 0; g < runs; ++g) {
-      for (int s = 0; s < kStreams; ++s) {
-        if (nexts[s] != nullptr) prefetch_run<F>(nexts[s], g);
-      }
-      for (int s = 0; s < kStreams; ++s) Run(rows[s] + g * run_bytes, g, xq, xs, xsum, acc[s]);
-    }
-    for (int s = 0; s < kStreams; ++s) {
-      // The tail blocks and the horizontal sum, as Single ends.
-      finish_i8_rows<P, F, 1>(rows[s], nexts[s], xq, xs, runs, nblk, acc[s], out + s * part + i);
-    }
+    rows_together<P, F, Run, kStreams>(rows, nexts, xq, xs, xsum, nblk, out + i, part);
   }
   for (int64_t i = kStreams * part; i < nw; ++i) {  // the last nw % kStreams rows, one at a time
     Single(w + i * row_bytes, i + 1 < nw ? w + (i + 1) * row_bytes : nullptr, xq, xs, xsum, nblk,
@@ -259,6 +269,25 @@ void qgemv_i8(const uint8_t* w, int64_t row_bytes, int64_t nw, const int8_t* con
     const uint8_t* next = i + 1 < nw ? w + (i + 1) * row_bytes : nullptr;
     Dots(w + i * row_bytes, next, xq, xs, xsum, nrows, nblk, res);
     for (int r = 0; r < nrows; ++r) out[r * ldo + i] = res[r];
+  }
+}
+
+// QuantKernels::gather_i8 over rows_together (`Run` as there).
+template <class P, QuantFormat F, auto Run = &run_i8<P, F, 1>>
+void qgather_i8(const uint8_t* const* ws, const uint8_t* const* nexts, int nw, const int8_t* xq,
+                const float* xs, const int32_t* xsum, int64_t nblk, float* out) {
+  const int8_t* const xqs[1] = {xq};
+  const float* const xss[1] = {xs};
+  const int32_t* const xsums[1] = {xsum};
+  switch (nw) {
+    case 1:
+      return rows_together<P, F, Run, 1>(ws, nexts, xqs, xss, xsums, nblk, out, 1);
+    case 2:
+      return rows_together<P, F, Run, 2>(ws, nexts, xqs, xss, xsums, nblk, out, 1);
+    case 3:
+      return rows_together<P, F, Run, 3>(ws, nexts, xqs, xss, xsums, nblk, out, 1);
+    default:
+      return rows_together<P, F, Run, 4>(ws, nexts, xqs, xss, xsums, nblk, out, 1);
   }
 }
 
@@ -355,11 +384,13 @@ inline void quantize_x(const float* x, int64_t nblk, bool interleaved, int8_t* q
 template <class P>
 QuantKernels simd_quant_kernels(QuantFormat f) {
   if (f == QuantFormat::kQ8_0) {
-    return QuantKernels{&qdots<P, QuantFormat::kQ8_0>, &qdots_i8<P, QuantFormat::kQ8_0>,
-                        &qaxpys<QuantFormat::kQ8_0>, &quantize_x, &qgemv_i8<P, QuantFormat::kQ8_0>};
+    return QuantKernels{&qdots<P, QuantFormat::kQ8_0>,    &qdots_i8<P, QuantFormat::kQ8_0>,
+                        &qaxpys<QuantFormat::kQ8_0>,      &quantize_x,
+                        &qgemv_i8<P, QuantFormat::kQ8_0>, &qgather_i8<P, QuantFormat::kQ8_0>};
   }
-  return QuantKernels{&qdots<P, QuantFormat::kQ4_0>, &qdots_i8<P, QuantFormat::kQ4_0>,
-                      &qaxpys<QuantFormat::kQ4_0>, &quantize_x, &qgemv_i8<P, QuantFormat::kQ4_0>};
+  return QuantKernels{&qdots<P, QuantFormat::kQ4_0>,    &qdots_i8<P, QuantFormat::kQ4_0>,
+                      &qaxpys<QuantFormat::kQ4_0>,      &quantize_x,
+                      &qgemv_i8<P, QuantFormat::kQ4_0>, &qgather_i8<P, QuantFormat::kQ4_0>};
 }
 
 }  // namespace

@@ -4,10 +4,11 @@
 //
 // Two phases, each parallel and free of shared writes, so that the result is bit-identical for any
 // thread count:
-//   1. h (n, B): one task per active neuron reads its W_in / W_up rows once for all batch rows (the
-//      rows stay in L1 between batch rows). Rows whose gate is exactly zero (ReLU family) or that
-//      the row mask switches off skip the up projection; if none is left the neuron's W_up row is
-//      not read.
+//   1. h (n, B): each active neuron's W_in / W_up rows are read once for all batch rows (the rows
+//      stay in L1 between batch rows); at batch 1 four neurons' rows at a time, so that a core
+//      keeps several rows' misses in flight (gather_h). Rows whose gate is exactly zero (ReLU
+//      family) or that the row mask switches off skip the up projection; if none is left the
+//      neuron's W_up row is not read.
 //   2. y (B, d): the output columns are split into blocks (two per thread, handed out from a shared
 //      counter, see parallel_chunks); each block accumulates
 //      h[j, b] * W_outᵀ[a_j, block] over j in ascending order in an fp32 buffer. Neurons whose h is
@@ -62,6 +63,120 @@ void store_row(const float* src, int64_t len, at::ScalarType type, void* dst) {
   }
 }
 
+// Phase 1 for one row (decode at batch 1): h[j] for the n neurons idx[j] (mask: (m,) or nullptr).
+// The neurons go in groups of kMaxGatherRows: a group's gate rows are computed together (one
+// gather call), then the up rows of those whose gate is nonzero, so that a core has several rows'
+// misses in flight where one row after another left it waiting on memory. While a group's gate
+// rows stream its up rows are prefetched, and while the up rows stream the next group's gate rows.
+void gather_h(const cpu::Activations& xa, const cpu::WeightMatrix& w_in,
+              const std::optional<cpu::WeightMatrix>& w_up, const int32_t* idx, int64_t n,
+              const bool* mask, Activation act, float thr, float* h) {
+  constexpr int kG = cpu::kMaxGatherRows;
+  cpu::parallel_chunks(n, /*chunk=*/32, [&](int64_t begin, int64_t end) {
+    int64_t j = begin;
+    // The next (up to) kG neurons the row uses, into js; the ones the mask switches off keep h 0.
+    auto take = [&](int64_t* js) {
+      int c = 0;
+      for (; c < kG && j < end; ++j) {
+        h[j] = 0.f;
+        if (mask == nullptr || mask[idx[j]]) js[c++] = j;
+      }
+      return c;
+    };
+    int64_t cur[kG], nxt[kG], kept_j[kG];
+    const char* ws[kG];
+    const char* nexts[kG];
+    float z[kG], up[kG];
+    int nc = take(cur);
+    for (int i = 0; i < nc; ++i) cpu::prefetch_row(w_in.row(idx[cur[i]]), w_in.row_bytes);
+    while (nc > 0) {
+      const int nn = take(nxt);
+      for (int i = 0; i < nc; ++i) {
+        ws[i] = w_in.row(idx[cur[i]]);
+        nexts[i] =
+            w_up.has_value() ? w_up->row(idx[cur[i]]) : (i < nn ? w_in.row(idx[nxt[i]]) : nullptr);
+      }
+      xa.gather(ws, nexts, nc, z);
+      int kept = 0;
+      for (int i = 0; i < nc; ++i) {
+        const float g = activate(act, z[i], thr);
+        if (!w_up.has_value()) {
+          h[cur[i]] = g;
+        } else if (g != 0.f) {  // an exact zero gate makes h zero whatever up is
+          z[kept] = g;
+          kept_j[kept++] = cur[i];
+        }
+      }
+      int fetched = w_up.has_value() ? 0 : std::min(nc, nn);  // next gate rows requested so far
+      if (kept > 0) {
+        for (int i = 0; i < kept; ++i) {
+          ws[i] = w_up->row(idx[kept_j[i]]);
+          nexts[i] = i < nn ? w_in.row(idx[nxt[i]]) : nullptr;
+        }
+        fetched = std::min(kept, nn);
+        xa.gather(ws, nexts, kept, up);
+        for (int i = 0; i < kept; ++i) {
+          const float u = act == Activation::kDRelu ? (up[i] > 0.f ? up[i] : 0.f) : up[i];
+          h[kept_j[i]] = z[i] * u;
+        }
+      }
+      for (int i = fetched; i < nn; ++i) cpu::prefetch_row(w_in.row(idx[nxt[i]]), w_in.row_bytes);
+      std::copy(nxt, nxt + nn, cur);
+      nc = nn;
+    }
+  });
+}
+
+// Phase 1 for B > 1 rows: h[j * B + b], one neuron at a time, its W_in / W_up rows read once for
+// all the rows it serves (the rows stay in L1 between batch rows).
+void batch_h(const cpu::Activations& xa, const cpu::WeightMatrix& w_in,
+             const std::optional<cpu::WeightMatrix>& w_up, const int32_t* idx, int64_t n, int64_t B,
+             const bool* mask, int64_t m, Activation act, float thr, float* h) {
+  constexpr int64_t kLookahead = 2;
+  cpu::parallel_chunks(n, /*chunk=*/16, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < std::min(end, begin + kLookahead); ++j) {
+      cpu::prefetch_row(w_in.row(idx[j]), w_in.row_bytes);
+      if (w_up.has_value()) cpu::prefetch_row(w_up->row(idx[j]), w_up->row_bytes);
+    }
+    std::vector<int32_t> rows(B);
+    std::vector<float> z(B), up(B);
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t a = idx[j];
+      float* hj = h + j * B;
+      int nrows = 0;  // the batch rows this neuron serves
+      for (int64_t b = 0; b < B; ++b) {
+        hj[b] = 0.f;
+        if (mask == nullptr || mask[b * m + a]) rows[nrows++] = static_cast<int32_t>(b);
+      }
+      // Scattered rows: the rows of the neuron kLookahead places on are requested now, so that they
+      // are on their way while this one computes (one row ahead was not enough to hide the
+      // latency).
+      if (j + kLookahead < end) {
+        const int64_t ahead = idx[j + kLookahead];
+        cpu::prefetch_row(w_in.row(ahead), w_in.row_bytes);
+        if (w_up.has_value()) cpu::prefetch_row(w_up->row(ahead), w_up->row_bytes);
+      }
+      xa.dots(w_in.row(a), nullptr, rows.data(), nrows, z.data());
+      int kept = 0;
+      for (int r = 0; r < nrows; ++r) {
+        const float g = activate(act, z[r], thr);
+        if (!w_up.has_value()) {
+          hj[rows[r]] = g;
+        } else if (g != 0.f) {  // an exact zero gate makes h zero whatever up is
+          z[kept] = g;
+          rows[kept++] = rows[r];
+        }
+      }
+      if (!w_up.has_value() || kept == 0) continue;
+      xa.dots(w_up->row(a), nullptr, rows.data(), kept, up.data());
+      for (int r = 0; r < kept; ++r) {
+        const float u = act == Activation::kDRelu ? (up[r] > 0.f ? up[r] : 0.f) : up[r];
+        hj[rows[r]] = z[r] * u;
+      }
+    }
+  });
+}
+
 at::Tensor sparse_ffn_cpu(const at::Tensor& x, const at::Tensor& w_in_t,
                           const std::optional<at::Tensor>& w_up_t, const at::Tensor& w_out_tt,
                           const at::Tensor& active, const std::optional<at::Tensor>& row_mask,
@@ -114,49 +229,11 @@ at::Tensor sparse_ffn_cpu(const at::Tensor& x, const at::Tensor& w_in_t,
   std::vector<float> h(static_cast<size_t>(n * B));  // (n, B): one neuron's batch values together
 
   // Phase 1: h.
-  constexpr int64_t kLookahead = 2;
-  cpu::parallel_chunks(n, /*chunk=*/16, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < std::min(end, begin + kLookahead); ++j) {
-      cpu::prefetch_row(w_in.row(idx[j]), w_in.row_bytes);
-      if (w_up.has_value()) cpu::prefetch_row(w_up->row(idx[j]), w_up->row_bytes);
-    }
-    std::vector<int32_t> rows(B);
-    std::vector<float> z(B), up(B);
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t a = idx[j];
-      float* hj = h.data() + j * B;
-      int nrows = 0;  // the batch rows this neuron serves
-      for (int64_t b = 0; b < B; ++b) {
-        hj[b] = 0.f;
-        if (mask == nullptr || mask[b * m + a]) rows[nrows++] = static_cast<int32_t>(b);
-      }
-      // Scattered rows: the rows of the neuron kLookahead places on are requested now, so that they
-      // are on their way while this one computes (one row ahead was not enough to hide the
-      // latency).
-      if (j + kLookahead < end) {
-        const int64_t ahead = idx[j + kLookahead];
-        cpu::prefetch_row(w_in.row(ahead), w_in.row_bytes);
-        if (w_up.has_value()) cpu::prefetch_row(w_up->row(ahead), w_up->row_bytes);
-      }
-      xa.dots(w_in.row(a), nullptr, rows.data(), nrows, z.data());
-      int kept = 0;
-      for (int r = 0; r < nrows; ++r) {
-        const float g = activate(act, z[r], thr);
-        if (!w_up.has_value()) {
-          hj[rows[r]] = g;
-        } else if (g != 0.f) {  // an exact zero gate makes h zero whatever up is
-          z[kept] = g;
-          rows[kept++] = rows[r];
-        }
-      }
-      if (!w_up.has_value() || kept == 0) continue;
-      xa.dots(w_up->row(a), nullptr, rows.data(), kept, up.data());
-      for (int r = 0; r < kept; ++r) {
-        const float u = act == Activation::kDRelu ? (up[r] > 0.f ? up[r] : 0.f) : up[r];
-        hj[rows[r]] = z[r] * u;
-      }
-    }
-  });
+  if (B == 1) {
+    gather_h(xa, w_in, w_up, idx, n, mask, act, thr, h.data());
+  } else {
+    batch_h(xa, w_in, w_up, idx, n, B, mask, m, act, thr, h.data());
+  }
 
   // Phase 2: y. Blocks are multiples of 64 columns, so every column has the same position in its
   // block's vector loop whatever the thread count (and quantized blocks of 32 are never split).

@@ -108,6 +108,18 @@ void Activations::dots(const char* w_row, const char* next, const int32_t* rows,
   }
 }
 
+void Activations::gather(const char* const* ws, const char* const* nexts, int nw,
+                         float* res) const {
+  if (format_.has_value() && format_->interleaved) {
+    qk_.gather_i8(reinterpret_cast<const uint8_t* const*>(ws),
+                  reinterpret_cast<const uint8_t* const*>(nexts), nw, xq_.q_of(0), xq_.scale_of(0),
+                  xq_.sum_of(0), xq_.nblk, res);
+    return;
+  }
+  const int32_t row0 = 0;
+  for (int i = 0; i < nw; ++i) dots(ws[i], nexts[i], &row0, 1, res + i);
+}
+
 void Activations::gemv(const WeightMatrix& w, int64_t begin, int64_t end, float* out) const {
   const int64_t n = end - begin, B = x32_.size(0);
   if (format_.has_value() && format_->interleaved) {

@@ -167,6 +167,25 @@ def test_sparse_ffn_odd_sizes(isa, fmt, B, d, m):
 
 
 @pytest.mark.parametrize("fmt", LAYOUTS)
+@pytest.mark.parametrize("activation", ["relu", "silu", "fatrelu"])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sparse_ffn_batch_one_equals_its_row_in_a_batch(isa, fmt, activation, gated, masked):
+    # At batch 1 the kernel computes four neurons' gate (then up) rows together, in chunks of 32
+    # neurons; a batch goes one neuron at a time. ~200 active neurons (groups of four and a remainder,
+    # several chunks), rows of two full interleaved runs and a tail block, gates that are exactly zero
+    # (no up row read) and masked-off neurons: each row alone equals its row in the batch bit for bit,
+    # and the reference.
+    x, w_in, w_up, w_out_t, active, mask = _ffn(3, 544, 301, fmt, gated, 0.7, masked=masked, seed=11)
+    batch = ops.sparse_ffn(x, w_in, w_up, w_out_t, active, mask, activation, 0.1, fmt)
+    for b in range(3):
+        own_mask = mask[b : b + 1] if masked else None
+        alone = ops.sparse_ffn(x[b : b + 1], w_in, w_up, w_out_t, active, own_mask, activation, 0.1, fmt)
+        assert torch.equal(alone, batch[b : b + 1]), b
+    _check_ffn((x[:1], w_in, w_up, w_out_t, active, mask[:1] if masked else None), activation, fmt)
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS)
 @pytest.mark.parametrize("density", [0.0, 1.0])
 def test_sparse_ffn_empty_and_full_active_sets(isa, fmt, density):
     args = _ffn(4, 64, 50, fmt, True, density, masked=True)
