@@ -11,6 +11,7 @@
 #include <atomic>
 #include <optional>
 #include <string_view>
+#include <vector>
 
 #include "isa.h"
 
@@ -64,9 +65,11 @@ class Activations {
   int64_t d() const { return d_; }
 
  private:
-  int64_t d_;
+  int64_t d_, rows_;
   std::optional<WeightFormat> format_;
-  at::Tensor x32_;
+  const float* x32_ = nullptr;  // (rows_, d_): x itself (fp32), own_ or kept_
+  std::vector<float> own_;
+  at::Tensor kept_;
   RowKernels rk_{};
   QuantKernels qk_{};
   QuantizedRows xq_;
