@@ -1,5 +1,7 @@
 """engine.hugepages: the copy is exact, aligned, freed with its tensor, skipped where it does not apply."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -63,3 +65,29 @@ def test_cpu_tiers_and_predictors_live_in_huge_pages():
     )
     moved = pred.to(torch.device("cpu"), torch.bfloat16)
     assert moved.w1.data_ptr() % HUGE_PAGE == 0 and moved.w2.data_ptr() % HUGE_PAGE == 0
+
+
+def _vm_flags(address: int) -> set[str]:
+    """The VmFlags of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@needs_thp
+def test_the_last_partial_huge_page_stays_on_small_pages():
+    # 5 MiB: two whole 2 MiB extents advised huge, the last 1 MiB not (a huge page there would make 2 MiB
+    # resident for it).
+    h = to_hugepages(torch.ones(5 << 18))
+    start, end = h.data_ptr(), h.data_ptr() + h.numel() * h.element_size()
+    assert "hg" in _vm_flags(start) and "hg" in _vm_flags(start + 2 * HUGE_PAGE - 1)
+    assert "nh" in _vm_flags(start + 2 * HUGE_PAGE) and "nh" in _vm_flags(end - 1)
+    assert torch.equal(h, torch.ones(5 << 18))
+    whole = to_hugepages(torch.ones(HUGE_PAGE // 2))  # 4 MiB, two whole huge pages: nothing left out
+    assert "nh" not in _vm_flags(whole.data_ptr() + HUGE_PAGE - 1)

@@ -12,6 +12,8 @@ choose oracle or predicted even when the default is dense. Without one, every re
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +69,17 @@ def _own_weights(model: torch.nn.Module, hugepages: bool) -> None:
                 p.data = moved if moved.data_ptr() != p.data_ptr() else p.data.clone()
 
 
+def return_freed_heap() -> None:
+    """Give the heap pages that loading freed back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Loading allocates and frees many tensors of a few MB (float copies of weights being quantized, stacked,
+    moved): glibc keeps them in its heap, so the process stays that much larger than the weights it kept.
+    Measured on the 32-layer 7B shape in q4_0: resident growth 4.25 GiB before the trim, 3.94 GiB after, for
+    3.85 GiB of weights and KV cache."""
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def load_engine(model_dir: str | Path, config: EngineConfig, tokenizer: Tokenizer | None = None) -> Engine:
     """Load the checkpoint at ``model_dir`` and build its engine under ``config`` (``tokenizer``: one the
     caller already loaded from the same directory)."""
@@ -104,4 +117,5 @@ def load_engine(model_dir: str | Path, config: EngineConfig, tokenizer: Tokenize
         # the float weights go with the replaced modules.
         quantize_linears(model, config.weights, sparse.hugepages)
     _own_weights(model, sparse.hugepages)
+    return_freed_heap()
     return Engine(model, tokenizer, max_batch=config.max_batch, max_seq=max_seq, sparsity=runtime)

@@ -48,6 +48,11 @@ def to_hugepages(t: torch.Tensor, wanted: bool = True) -> torch.Tensor:
     region.madvise(mmap.MADV_HUGEPAGE)
     raw = torch.frombuffer(region, dtype=torch.uint8)  # holds `region` alive
     start = -raw.data_ptr() % HUGE_PAGE
+    # The last, partial 2 MiB extent stays on 4 KiB pages: a huge page there would make the whole 2 MiB
+    # resident for the few bytes the tensor ends with (~1 MiB a tensor, a few hundred tensors in a 7B model).
+    tail = start + nbytes // HUGE_PAGE * HUGE_PAGE
+    if tail < start + nbytes:
+        region.madvise(mmap.MADV_NOHUGEPAGE, tail, len(region) - tail)
     out = raw[start : start + nbytes].view(t.dtype).view(t.shape)
     out.copy_(t)
     return out
