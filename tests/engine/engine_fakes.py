@@ -71,7 +71,7 @@ class _HistoryModel(torch.nn.Module):
                 self.history[slot] = past + new
             rows.append(torch.stack(logits[-1:] if last_only else logits))
         if cache is not None:
-            cache.lengths[slots] += steps if lengths is None else lengths
+            cache.advance(slots.tolist(), steps if lengths is None else lengths.tolist())
         return torch.stack(rows)  # (B, T or 1, V)
 
 

@@ -297,7 +297,8 @@ class Transformer(nn.Module):
                 raise ValueError(f"KV cache dtype {cache.dtype} differs from the model dtype {self.dtype}")
             if slots is None:
                 slots = torch.arange(B)
-            cos, sin, attend = self._cached_step(cache, slots, T)
+            slot_ids = slots.tolist()  # one host copy: the cache bookkeeping is plain Python
+            cos, sin, attend = self._cached_step(cache, slots, slot_ids, T)
             if lengths is not None and int(lengths.min()) < T:
                 if attend.start != 0:
                     raise ValueError("right-padded rows (lengths) must all start in an empty cache slot")
@@ -318,23 +319,28 @@ class Transformer(nn.Module):
             x = x / self.config.logit_divisor
         logits = self.lm_head(x).float()  # (B, T or 1, vocab)
         if cache is not None:
-            cache.advance(slots, T if lengths is None else lengths)
+            cache.advance(slot_ids, T if step is None or step.lengths is None else list(step.lengths))
         return logits
 
     def _cached_step(
-        self, cache: KVCache, slots: torch.Tensor, T: int
+        self, cache: KVCache, slots: torch.Tensor, slot_ids: list[int], T: int
     ) -> tuple[torch.Tensor, torch.Tensor, _Attend]:
-        starts = cache.reserve(slots, T)  # (B,) on the CPU; raises before anything is written
-        slots_cpu = slots.to("cpu", torch.long)
-        B = slots_cpu.numel()
-        s0 = int(slots_cpu[0])
-        contiguous = bool(torch.equal(slots_cpu, torch.arange(s0, s0 + B)))
-        first, last = int(starts.min()), int(starts.max())
+        # Python ints until a tensor is needed: each torch op on these few values costs tens of
+        # microseconds in a CPU decode step (kv_cache's docstring).
+        start_list = cache.reserve(slot_ids, T)  # raises before anything is written
+        B = len(slot_ids)
+        s0 = slot_ids[0]
+        contiguous = slot_ids == list(range(s0, s0 + B))
+        first, last = min(start_list), max(start_list)
         uniform = first == last
         window = last + T
         cos_t, sin_t = self._rope(window)
         dev = self.device
+        starts = torch.tensor(start_list)  # (B,) int64 on the CPU
         if T == 1 and dev.type == "cpu":
+            slots_cpu = (
+                slots if slots.device.type == "cpu" and slots.dtype == torch.long else torch.tensor(slot_ids)
+            )
             decode = _CpuDecode(cos_t, sin_t, slots_cpu, starts)
             attend = _Attend(
                 window=window,
