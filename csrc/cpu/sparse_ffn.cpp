@@ -67,7 +67,8 @@ void store_row(const float* src, int64_t len, at::ScalarType type, void* dst) {
 // The neurons go in groups of kMaxGatherRows: a group's gate rows are computed together (one
 // gather call), then the up rows of those whose gate is nonzero, so that a core has several rows'
 // misses in flight where one row after another left it waiting on memory. While a group's gate
-// rows stream its up rows are prefetched, and while the up rows stream the next group's gate rows.
+// rows stream its up rows are prefetched (unless most gates so far were zero), and while the up
+// rows stream the next group's gate rows.
 void gather_h(const cpu::Activations& xa, const cpu::WeightMatrix& w_in,
               const std::optional<cpu::WeightMatrix>& w_up, const int32_t* idx, int64_t n,
               const bool* mask, Activation act, float thr, float* h) {
@@ -89,12 +90,16 @@ void gather_h(const cpu::Activations& xa, const cpu::WeightMatrix& w_in,
     float z[kG], up[kG];
     int nc = take(cur);
     for (int i = 0; i < nc; ++i) cpu::prefetch_row(w_in.row(idx[cur[i]]), w_in.row_bytes);
+    int seen = 0, passed = 0;  // gates computed so far in this chunk, and those that were nonzero
     while (nc > 0) {
       const int nn = take(nxt);
+      // The up rows are fetched ahead with the gates while most gates pass (a predicted set). Where
+      // most are exactly zero (a ReLU-family layer over all its rows) that would read nearly every
+      // up row for nothing, so the next gate rows are fetched instead.
+      const bool ahead_up = w_up.has_value() && (seen < 2 * kG || 2 * passed >= seen);
       for (int i = 0; i < nc; ++i) {
         ws[i] = w_in.row(idx[cur[i]]);
-        nexts[i] =
-            w_up.has_value() ? w_up->row(idx[cur[i]]) : (i < nn ? w_in.row(idx[nxt[i]]) : nullptr);
+        nexts[i] = ahead_up ? w_up->row(idx[cur[i]]) : (i < nn ? w_in.row(idx[nxt[i]]) : nullptr);
       }
       xa.gather(ws, nexts, nc, z);
       int kept = 0;
@@ -107,7 +112,9 @@ void gather_h(const cpu::Activations& xa, const cpu::WeightMatrix& w_in,
           kept_j[kept++] = cur[i];
         }
       }
-      int fetched = w_up.has_value() ? 0 : std::min(nc, nn);  // next gate rows requested so far
+      seen += nc;
+      passed += kept;
+      int fetched = ahead_up ? 0 : std::min(nc, nn);  // next gate rows requested so far
       if (kept > 0) {
         for (int i = 0; i < kept; ++i) {
           ws[i] = w_up->row(idx[kept_j[i]]);
