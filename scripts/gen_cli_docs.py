@@ -25,7 +25,8 @@ ENVIRONMENT = [
     (
         "SPARSEINFER_CPU_ISA",
         "the compiled kernels",
-        "`scalar`, `avx2` or `avx512`: force one CPU path (tests use it; default: the best the CPU has)",
+        "`scalar`, `avx2`, `avx512` or `avx512bf16` (AVX-512 plus bf16 dot products): force one CPU path "
+        "(tests use it; default: the best the CPU has)",
     ),
     ("SPARSEINFER_CUDA", "the build (setup.py)", "`1` forces the CUDA kernels into the build, `0` forbids"),
     ("SPARSEINFER_TOKEN", "sparseinfer-client", "default bearer token of the client CLI"),

@@ -1,6 +1,7 @@
 // Which instruction set the CPU kernels run: the best the CPU has, or the one SPARSEINFER_CPU_ISA
-// forces (scalar | avx2 | avx512), read per call (a getenv is ~100 ns against a ~ms op) so that
-// tests can switch paths in-process. One place for the row kernels and the quantized ones.
+// forces (scalar | avx2 | avx512 | avx512bf16), read per call (a getenv is ~100 ns against a ~ms
+// op) so that tests can switch paths in-process. One place for the row kernels and the quantized
+// ones.
 #pragma once
 
 #include "quant.h"
@@ -9,7 +10,7 @@
 namespace sparseinfer {
 namespace cpu {
 
-enum class Isa { kScalar, kAvx2, kAvx512 };
+enum class Isa { kScalar, kAvx2, kAvx512, kAvx512Bf16 };
 
 Isa chosen_isa();  // raises when SPARSEINFER_CPU_ISA names a path this CPU lacks
 RowKernels choose_row_kernels(WeightType type);

@@ -12,8 +12,9 @@ namespace cpu {
 
 enum class WeightType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-// Rows handled by one call of `dots` / `axpys`; callers split longer lists.
+// Rows handled by one call of `dots` / `dots_bf16` / `axpys`; callers split longer lists.
 constexpr int kMaxDotRows = 2;
+constexpr int kMaxBf16DotRows = 4;
 constexpr int kMaxAxpyWeights = 4;
 
 struct RowKernels {
@@ -33,11 +34,16 @@ struct RowKernels {
   // prefetched.
   void (*axpys)(const void* const* ws, int nw, const void* const* nexts, const float* const* coefs,
                 const int32_t* rows, int nrows, float* buf, int64_t ldb, int64_t len);
+  // `dots` over bf16 weights with x rows left in bf16 (nrows <= kMaxBf16DotRows), on the CPU's bf16
+  // dot product; nullptr where the CPU has none (or the weights are not bf16): use `dots`.
+  void (*dots_bf16)(const void* w, const void* next, const uint16_t* const* xs, int nrows,
+                    int64_t d, float* out) = nullptr;
 };
 
 RowKernels scalar_row_kernels(WeightType type);
 RowKernels avx2_row_kernels(WeightType type);
 RowKernels avx512_row_kernels(WeightType type);
+RowKernels avx512bf16_row_kernels(WeightType type);  // avx512_row_kernels plus dots_bf16
 
 }  // namespace cpu
 }  // namespace sparseinfer

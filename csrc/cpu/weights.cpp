@@ -91,6 +91,11 @@ Activations::Activations(const at::Tensor& x, std::optional<WeightFormat> format
     xq_.quantize(x32_, rows_, d_, format_->interleaved, qk_.quantize_x);
   } else {
     rk_ = choose_row_kernels(weight_type_of(x.scalar_type()));
+    if (rk_.dots_bf16 != nullptr && x.scalar_type() == at::kBFloat16) {
+      if (!x.is_contiguous()) kept16_ = x.contiguous();
+      x16_ = static_cast<const uint16_t*>(x.is_contiguous() ? x.const_data_ptr()
+                                                            : kept16_.const_data_ptr());
+    }
   }
 }
 
@@ -114,6 +119,15 @@ void Activations::dots(const char* w_row, const char* next, const int32_t* rows,
       } else {
         qk_.dots(w, nx, xq, xs, nr, xq_.nblk, res + r0);
       }
+    }
+    return;
+  }
+  if (x16_ != nullptr) {
+    const uint16_t* xs[kMaxBf16DotRows];
+    for (int r0 = 0; r0 < count; r0 += kMaxBf16DotRows) {
+      const int nr = std::min(kMaxBf16DotRows, count - r0);
+      for (int r = 0; r < nr; ++r) xs[r] = x16_ + rows[r0 + r] * d_;
+      rk_.dots_bf16(w_row, r0 + nr >= count ? next : nullptr, xs, nr, d_, res + r0);
     }
     return;
   }

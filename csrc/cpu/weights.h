@@ -70,6 +70,9 @@ class Activations {
   const float* x32_ = nullptr;  // (rows_, d_): x itself (fp32), own_ or kept_
   std::vector<float> own_;
   at::Tensor kept_;
+  const uint16_t* x16_ =
+      nullptr;  // (rows_, d_): x in bf16 where the row kernels take it (dots_bf16)
+  at::Tensor kept16_;
   RowKernels rk_{};
   QuantKernels qk_{};
   QuantizedRows xq_;

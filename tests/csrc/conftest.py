@@ -19,6 +19,8 @@ def available_isas() -> list[str]:
         isas.append("avx2")
     if "avx512f" in flags:
         isas.append("avx512")
+    if {"avx512f", "avx512bw", "avx512_bf16"} <= flags:
+        isas.append("avx512bf16")  # the AVX-512 kernels plus bf16 dot products (vdpbf16ps)
     return isas
 
 

@@ -1,0 +1,92 @@
+// AVX512_BF16 dot products over bf16 weight rows: x stays in bf16 and one vdpbf16ps multiplies 32
+// weight / x pairs and adds each pair's two products into 16 fp32 lanes, where the AVX-512F kernels
+// widen every weight to fp32 and spend an FMA per weight. At batch 1 both are bandwidth-bound; at
+// batch 16 the widening made the sparse FFN's gate / up rows compute-bound (see
+// benchmarks/results/README.md, "Ours vs llama.cpp (2-core Intel Sapphire Rapids"). The products of
+// two bf16 values are exact in fp32; the sums round differently from the FMA kernels (and the
+// instruction treats bf16 subnormals as zero), so results agree with them to fp32 rounding, not bit
+// for bit. The axpys stay the AVX-512F ones. Only called when the CPU has AVX512_BF16; the tests
+// force this path with SPARSEINFER_CPU_ISA=avx512bf16 wherever it has.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "row_kernels.h"
+
+#pragma GCC target("avx512f,avx512bw,avx512bf16,avx2,fma,f16c")
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include "avx512_exit.h"
+
+namespace sparseinfer {
+namespace cpu {
+namespace {
+
+inline __m512bh bf16_block(const uint16_t* p) {
+  return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
+}
+
+// kRows rows of x against one weight row, two accumulator chains per row (64 weights a step), then
+// the last d % 64 weights in masked 32-weight blocks into the first chain: the same order for every
+// kRows, so a row's result does not depend on its batch mates.
+template <int kRows>
+void dots_bf16_n(const void* w_row, const void* next, const uint16_t* const* xs, int64_t d,
+                 float* out) {
+  const auto* w = static_cast<const uint16_t*>(w_row);
+  const char* nx = static_cast<const char*>(next);
+  constexpr int kChains = 4;
+  __m512 acc[kRows][kChains];
+  for (int r = 0; r < kRows; ++r)
+    for (int u = 0; u < kChains; ++u) acc[r][u] = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 32 * kChains <= d; c += 32 * kChains) {
+    if (nx != nullptr) {  // this step's cache lines of the next row, into L2
+      for (int u = 0; u < kChains; ++u) _mm_prefetch(nx + 2 * c + 64 * u, _MM_HINT_T2);
+    }
+    __m512bh wv[kChains];
+    for (int u = 0; u < kChains; ++u) wv[u] = bf16_block(w + c + 32 * u);
+    for (int r = 0; r < kRows; ++r) {
+      for (int u = 0; u < kChains; ++u)
+        acc[r][u] = _mm512_dpbf16_ps(acc[r][u], wv[u], bf16_block(xs[r] + c + 32 * u));
+    }
+  }
+  for (; c < d; c += 32) {
+    const int64_t n = d - c < 32 ? d - c : 32;
+    const __mmask32 m = n == 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
+    const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, w + c));
+    for (int r = 0; r < kRows; ++r) {
+      const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, xs[r] + c));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], wv, xv);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    out[r] = _mm512_reduce_add_ps(
+        _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));
+  }
+}
+
+void dots_bf16(const void* w, const void* next, const uint16_t* const* xs, int nrows, int64_t d,
+               float* out) {
+  switch (nrows) {
+    case 1:
+      return dots_bf16_n<1>(w, next, xs, d, out);
+    case 2:
+      return dots_bf16_n<2>(w, next, xs, d, out);
+    case 3:
+      return dots_bf16_n<3>(w, next, xs, d, out);
+    default:
+      return dots_bf16_n<4>(w, next, xs, d, out);
+  }
+}
+
+}  // namespace
+
+RowKernels avx512bf16_row_kernels(WeightType type) {
+  RowKernels k = avx512_row_kernels(type);
+  if (type == WeightType::kBF16) k.dots_bf16 = &CleanExit<&dots_bf16>::call;
+  return k;
+}
+
+}  // namespace cpu
+}  // namespace sparseinfer
