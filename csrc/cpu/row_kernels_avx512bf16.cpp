@@ -28,9 +28,9 @@ inline __m512bh bf16_block(const uint16_t* p) {
   return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
 }
 
-// kRows rows of x against one weight row, two accumulator chains per row (64 weights a step), then
-// the last d % 64 weights in masked 32-weight blocks into the first chain: the same order for every
-// kRows, so a row's result does not depend on its batch mates.
+// kRows rows of x against one weight row, four accumulator chains per row (128 weights a step),
+// then the last d % 128 weights in masked 32-weight blocks into the first chain: the same order for
+// every kRows, so a row's result does not depend on its batch mates.
 template <int kRows>
 void dots_bf16_n(const void* w_row, const void* next, const uint16_t* const* xs, int64_t d,
                  float* out) {
