@@ -70,8 +70,8 @@ class Activations {
   const float* x32_ = nullptr;  // (rows_, d_): x itself (fp32), own_ or kept_
   std::vector<float> own_;
   at::Tensor kept_;
-  const uint16_t* x16_ =
-      nullptr;  // (rows_, d_): x in bf16 where the row kernels take it (dots_bf16)
+  // (rows_, d_): x in bf16, where the row kernels take it so (dots_bf16): x itself or kept16_.
+  const uint16_t* x16_ = nullptr;
   at::Tensor kept16_;
   RowKernels rk_{};
   QuantKernels qk_{};
