@@ -50,6 +50,11 @@ inline float activate(Activation act, float z, float threshold) {
   return 0.f;
 }
 
+// h of a gated neuron from its activated gate and its up projection (dReLU activates up too).
+inline float gated_h(Activation act, float gate, float up) {
+  return gate * (act == Activation::kDRelu ? (up > 0.f ? up : 0.f) : up);
+}
+
 // fp32 (len,) -> the caller's dtype.
 void store_row(const float* src, int64_t len, at::ScalarType type, void* dst) {
   if (type == at::kFloat) {
@@ -122,10 +127,7 @@ void gather_h(const cpu::Activations& xa, const cpu::WeightMatrix& w_in,
         }
         fetched = std::min(kept, nn);
         xa.gather(ws, nexts, kept, up);
-        for (int i = 0; i < kept; ++i) {
-          const float u = act == Activation::kDRelu ? (up[i] > 0.f ? up[i] : 0.f) : up[i];
-          h[kept_j[i]] = z[i] * u;
-        }
+        for (int i = 0; i < kept; ++i) h[kept_j[i]] = gated_h(act, z[i], up[i]);
       }
       for (int i = fetched; i < nn; ++i) cpu::prefetch_row(w_in.row(idx[nxt[i]]), w_in.row_bytes);
       std::copy(nxt, nxt + nn, cur);
@@ -176,10 +178,7 @@ void batch_h(const cpu::Activations& xa, const cpu::WeightMatrix& w_in,
       }
       if (!w_up.has_value() || kept == 0) continue;
       xa.dots(w_up->row(a), nullptr, rows.data(), kept, up.data());
-      for (int r = 0; r < kept; ++r) {
-        const float u = act == Activation::kDRelu ? (up[r] > 0.f ? up[r] : 0.f) : up[r];
-        hj[rows[r]] = z[r] * u;
-      }
+      for (int r = 0; r < kept; ++r) hj[rows[r]] = gated_h(act, z[r], up[r]);
     }
   });
 }
