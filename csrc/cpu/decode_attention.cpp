@@ -31,65 +31,17 @@
 #include <cstring>
 #include <vector>
 
+#include "dtype.h"
 #include "weights.h"
 
 namespace sparseinfer {
 namespace {
 
+using cpu::Dtype;
+
 constexpr int kHeadsPerPass = cpu::kMaxDotRows;  // query heads sharing one read of the keys
 static_assert(kHeadsPerPass == 2, "attend's row list {0, 1} assumes two heads per pass");
 constexpr int kValuesPerCall = cpu::kMaxAxpyWeights;
-
-// The op's element types, handled as fp32: widened on load, rounded to T (and kept as fp32) where
-// torch would round, narrowed exactly on store. Per-element c10 conversions (a branch for NaN each)
-// cost more than the attention itself at short windows, so bf16 does both with integer arithmetic
-// on the bits, in loops the compiler vectorises.
-template <typename T>
-struct Dtype;
-
-template <>
-struct Dtype<float> {
-  static void load(const float* src, int64_t n, float* dst) { std::copy_n(src, n, dst); }
-  static float round(float f) { return f; }
-  static void store(const float* src, int64_t n, float* dst) { std::copy_n(src, n, dst); }
-};
-
-template <>
-struct Dtype<c10::BFloat16> {
-  // A bf16 is the top half of an fp32's bits.
-  static void load(const c10::BFloat16* src, int64_t n, float* dst) {
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t u = static_cast<uint32_t>(src[i].x) << 16;
-      std::memcpy(dst + i, &u, sizeof(u));
-    }
-  }
-  // Round to nearest even, NaN to the quiet NaN 0x7FC0: c10::BFloat16's rule.
-  static uint32_t round_bits(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof(u));
-    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : r;
-  }
-  static float round(float f) {
-    const uint32_t u = round_bits(f);
-    std::memcpy(&f, &u, sizeof(u));
-    return f;
-  }
-  static void store(const float* src, int64_t n, c10::BFloat16* dst) {
-    for (int64_t i = 0; i < n; ++i) dst[i].x = static_cast<uint16_t>(round_bits(src[i]) >> 16);
-  }
-};
-
-template <>
-struct Dtype<c10::Half> {
-  static void load(const c10::Half* src, int64_t n, float* dst) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-  }
-  static float round(float f) { return static_cast<float>(static_cast<c10::Half>(f)); }
-  static void store(const float* src, int64_t n, c10::Half* dst) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
-  }
-};
 
 // out = x·cos + rotate_half(x)·sin for one head, rotate_half(x) = (-x[half:], x[:half]), each
 // product and the sum rounded to T as torch's elementwise ops round them. All values fp32 (x, cos

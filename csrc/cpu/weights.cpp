@@ -1,8 +1,9 @@
 #include "weights.h"
 
-#include <cstring>
 #include <string>
 #include <vector>
+
+#include "dtype.h"
 
 namespace sparseinfer {
 namespace cpu {
@@ -76,11 +77,8 @@ Activations::Activations(const at::Tensor& x, std::optional<WeightFormat> format
     x32_ = x.const_data_ptr<float>();
   } else if (x.scalar_type() == at::kBFloat16 && x.is_contiguous()) {
     own_.resize(static_cast<size_t>(n));
-    const auto* src = static_cast<const uint16_t*>(x.const_data_ptr());
-    for (int64_t i = 0; i < n; ++i) {  // a bf16 is the top half of an fp32's bits
-      const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
-      std::memcpy(own_.data() + i, &u, sizeof(u));
-    }
+    Dtype<c10::BFloat16>::load(static_cast<const c10::BFloat16*>(x.const_data_ptr()), n,
+                               own_.data());
     x32_ = own_.data();
   } else {
     kept_ = x.to(at::kFloat).contiguous();
