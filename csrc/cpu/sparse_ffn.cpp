@@ -23,12 +23,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <optional>
 #include <string_view>
 #include <vector>
 
 #include "../activation.h"
+#include "dtype.h"
 #include "weights.h"
 
 namespace sparseinfer {
@@ -58,13 +58,11 @@ inline float gated_h(Activation act, float gate, float up) {
 // fp32 (len,) -> the caller's dtype.
 void store_row(const float* src, int64_t len, at::ScalarType type, void* dst) {
   if (type == at::kFloat) {
-    std::memcpy(dst, src, len * sizeof(float));
+    cpu::Dtype<float>::store(src, len, static_cast<float*>(dst));
   } else if (type == at::kBFloat16) {
-    auto* d = static_cast<c10::BFloat16*>(dst);
-    for (int64_t c = 0; c < len; ++c) d[c] = c10::BFloat16(src[c]);
+    cpu::Dtype<c10::BFloat16>::store(src, len, static_cast<c10::BFloat16*>(dst));
   } else {
-    auto* d = static_cast<c10::Half*>(dst);
-    for (int64_t c = 0; c < len; ++c) d[c] = c10::Half(src[c]);
+    cpu::Dtype<c10::Half>::store(src, len, static_cast<c10::Half*>(dst));
   }
 }
 
