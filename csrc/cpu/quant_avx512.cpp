@@ -54,31 +54,67 @@ inline void block_q_512(const uint8_t* blk, __m512i* lo, __m512i* hi) {
 // core and from 11.8 to 13.4 on two (sparse_ffn non-gated minus gate-only, ~1100 of 11008 rows of
 // 4096). Summing the down projection in int8 dot products would need W_outᵀ's per-block scales
 // folded into quantized coefficients; not done.
-template <QuantFormat F, int kNw>
-void qaxpys512_n(const uint8_t* const* ws, const uint8_t* const* nexts, const float* const* coefs,
-                 const int32_t* rows, int nrows, float* buf, int64_t ldb, int64_t nblk) {
+// One pass of qaxpys512_n over the weights for kRows batch rows (dst[k]: row k's output, coef[k]:
+// its kNw coefficients): a block's weights are widened and converted once for all of them (once
+// per row made the batch-16 down projection compute-bound). `nexts` (or nullptr) are prefetched.
+template <QuantFormat F, int kNw, int kRows>
+void qaxpys512_pass(const uint8_t* const* ws, const uint8_t* const* nexts, float* const* dst,
+                    const float (*coef)[kNw], int64_t nblk) {
   constexpr int64_t bb = block_bytes(F);
-  for (int k = 0; k < nrows; ++k) {
-    const int32_t r = rows[k];
-    float* dst = buf + r * ldb;
-    const bool fetch = k == 0 && nexts != nullptr;  // the first pass streams from memory
-    float coef[kNw];
-    for (int i = 0; i < kNw; ++i) coef[i] = coefs[i][r];
-    for (int64_t b = 0; b < nblk; ++b) {
-      float* out = dst + b * kQK;
+  for (int64_t b = 0; b < nblk; ++b) {
+    __m512 w0[kNw], w1[kNw];
+    float scale[kNw];
+#pragma GCC unroll 4
+    for (int i = 0; i < kNw; ++i) {
+      const uint8_t* blk = ws[i] + b * bb;
+      if (nexts != nullptr && nexts[i] != nullptr) prefetch_block<F>(nexts[i], b);
+      __m512i lo, hi;
+      block_q_512<F>(blk, &lo, &hi);
+      w0[i] = _mm512_cvtepi32_ps(lo);
+      w1[i] = _mm512_cvtepi32_ps(hi);
+      scale[i] = scale_of(blk);
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < kRows; ++k) {
+      float* out = dst[k] + b * kQK;
       __m512 acc0 = _mm512_loadu_ps(out), acc1 = _mm512_loadu_ps(out + 16);
 #pragma GCC unroll 4
       for (int i = 0; i < kNw; ++i) {
-        const uint8_t* blk = ws[i] + b * bb;
-        if (fetch && nexts[i] != nullptr) prefetch_block<F>(nexts[i], b);
-        __m512i lo, hi;
-        block_q_512<F>(blk, &lo, &hi);
-        const __m512 a = _mm512_set1_ps(coef[i] * scale_of(blk));
-        acc0 = _mm512_fmadd_ps(a, _mm512_cvtepi32_ps(lo), acc0);
-        acc1 = _mm512_fmadd_ps(a, _mm512_cvtepi32_ps(hi), acc1);
+        const __m512 a = _mm512_set1_ps(coef[k][i] * scale[i]);
+        acc0 = _mm512_fmadd_ps(a, w0[i], acc0);
+        acc1 = _mm512_fmadd_ps(a, w1[i], acc1);
       }
       _mm512_storeu_ps(out, acc0);
       _mm512_storeu_ps(out + 16, acc1);
+    }
+  }
+}
+
+template <QuantFormat F, int kNw>
+void qaxpys512_n(const uint8_t* const* ws, const uint8_t* const* nexts, const float* const* coefs,
+                 const int32_t* rows, int nrows, float* buf, int64_t ldb, int64_t nblk) {
+  constexpr int kR = 4;  // batch rows per pass over the weights
+  for (int k0 = 0; k0 < nrows; k0 += kR) {
+    const int nr = nrows - k0 < kR ? nrows - k0 : kR;
+    float* dst[kR];
+    float coef[kR][kNw];
+    for (int k = 0; k < nr; ++k) {
+      dst[k] = buf + rows[k0 + k] * ldb;
+      for (int i = 0; i < kNw; ++i) coef[k][i] = coefs[i][rows[k0 + k]];
+    }
+    const uint8_t* const* fetch = k0 == 0 ? nexts : nullptr;  // the first pass streams from memory
+    switch (nr) {
+      case 1:
+        qaxpys512_pass<F, kNw, 1>(ws, fetch, dst, coef, nblk);
+        break;
+      case 2:
+        qaxpys512_pass<F, kNw, 2>(ws, fetch, dst, coef, nblk);
+        break;
+      case 3:
+        qaxpys512_pass<F, kNw, 3>(ws, fetch, dst, coef, nblk);
+        break;
+      default:
+        qaxpys512_pass<F, kNw, 4>(ws, fetch, dst, coef, nblk);
     }
   }
 }

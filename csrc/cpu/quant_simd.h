@@ -291,33 +291,65 @@ void qgather_i8(const uint8_t* const* ws, const uint8_t* const* nexts, int nw, c
   }
 }
 
-template <QuantFormat F, int kNw>
-void qaxpys_n(const uint8_t* const* ws, const uint8_t* const* nexts, const float* const* coefs,
-              const int32_t* rows, int nrows, float* buf, int64_t ldb, int64_t nblk) {
+// One pass of qaxpys_n over the weights for kRows batch rows (dst[k]: row k's output, coef[k]: its
+// kNw coefficients). Per output block the kNw rows' terms go into four registers, loaded and
+// stored once (in ascending i, each one fused multiply-add: the order of the scalar kernel); a
+// block's weights are widened and converted once for all kRows rows. `nexts` (or nullptr) are
+// prefetched.
+template <QuantFormat F, int kNw, int kRows>
+void qaxpys_pass(const uint8_t* const* ws, const uint8_t* const* nexts, float* const* dst,
+                 const float (*coef)[kNw], int64_t nblk) {
   constexpr int64_t bb = block_bytes(F);
-  // Per output block the kNw rows' terms go into four registers, loaded and stored once (in
-  // ascending
-  // i, each one fused multiply-add: the order of the scalar kernel).
-  for (int k = 0; k < nrows; ++k) {
-    const int32_t r = rows[k];
-    float* dst = buf + r * ldb;
-    const bool fetch = k == 0 && nexts != nullptr;  // the first pass streams from memory
-    for (int64_t b = 0; b < nblk; ++b) {
-      float* out = dst + b * kQK;
+  for (int64_t b = 0; b < nblk; ++b) {
+    __m256 w[kNw][4];
+    float scale[kNw];
+    for (int i = 0; i < kNw; ++i) {
+      const uint8_t* blk = ws[i] + b * bb;
+      if (nexts != nullptr && nexts[i] != nullptr) prefetch_block<F>(nexts[i], b);
+      const __m256i q = block_q<F>(blk);
+      const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+      const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+      for (int j = 0; j < 4; ++j) w[i][j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[j]));
+      scale[i] = scale_of(blk);
+    }
+    for (int k = 0; k < kRows; ++k) {
+      float* out = dst[k] + b * kQK;
       __m256 acc[4];
       for (int j = 0; j < 4; ++j) acc[j] = _mm256_loadu_ps(out + 8 * j);
       for (int i = 0; i < kNw; ++i) {
-        const uint8_t* blk = ws[i] + b * bb;
-        if (fetch && nexts[i] != nullptr) prefetch_block<F>(nexts[i], b);
-        const __m256i q = block_q<F>(blk);
-        const __m256 a = _mm256_set1_ps(coefs[i][r] * scale_of(blk));
-        const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-        for (int j = 0; j < 4; ++j) {
-          acc[j] = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[j])), acc[j]);
-        }
+        const __m256 a = _mm256_set1_ps(coef[k][i] * scale[i]);
+        for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(a, w[i][j], acc[j]);
       }
       for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + 8 * j, acc[j]);
+    }
+  }
+}
+
+template <QuantFormat F, int kNw>
+void qaxpys_n(const uint8_t* const* ws, const uint8_t* const* nexts, const float* const* coefs,
+              const int32_t* rows, int nrows, float* buf, int64_t ldb, int64_t nblk) {
+  constexpr int kR = 4;  // batch rows per pass over the weights
+  for (int k0 = 0; k0 < nrows; k0 += kR) {
+    const int nr = nrows - k0 < kR ? nrows - k0 : kR;
+    float* dst[kR];
+    float coef[kR][kNw];
+    for (int k = 0; k < nr; ++k) {
+      dst[k] = buf + rows[k0 + k] * ldb;
+      for (int i = 0; i < kNw; ++i) coef[k][i] = coefs[i][rows[k0 + k]];
+    }
+    const uint8_t* const* fetch = k0 == 0 ? nexts : nullptr;  // the first pass streams from memory
+    switch (nr) {
+      case 1:
+        qaxpys_pass<F, kNw, 1>(ws, fetch, dst, coef, nblk);
+        break;
+      case 2:
+        qaxpys_pass<F, kNw, 2>(ws, fetch, dst, coef, nblk);
+        break;
+      case 3:
+        qaxpys_pass<F, kNw, 3>(ws, fetch, dst, coef, nblk);
+        break;
+      default:
+        qaxpys_pass<F, kNw, 4>(ws, fetch, dst, coef, nblk);
     }
   }
 }

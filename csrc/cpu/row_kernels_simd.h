@@ -83,42 +83,82 @@ void dots(const void* w, const void* next, const float* const* xs, int nrows, in
   return dots_n<S, kType, 2>(w, next, xs, d, out);
 }
 
+// One pass of axpys_n over the weights for kRows batch rows (dst[k]: row k's output, coef[k]: its
+// kNw coefficients): a strip's weights are widened once for all of them (once per row made the
+// batch-16 down projection compute-bound). `nexts` (or nullptr) are prefetched.
+template <class S, WeightType kType, int kNw, int kRows>
+void axpys_pass(const void* const* ws, const void* const* nexts, float* const* dst,
+                const float (*coef)[kNw], int64_t len) {
+  using Vec = typename S::Vec;
+  constexpr int kL = S::kLanes;
+  int64_t c = 0;
+  for (; c + 2 * kL <= len; c += 2 * kL) {
+    Vec w0[kNw], w1[kNw];
+#pragma GCC unroll 4
+    for (int i = 0; i < kNw; ++i) {
+      if (nexts != nullptr && nexts[i] != nullptr) prefetch<kType>(nexts[i], c, 2 * kL);
+      w0[i] = S::template weights<kType>(ws[i], c);
+      w1[i] = S::template weights<kType>(ws[i], c + kL);
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < kRows; ++k) {
+      Vec acc0 = S::load(dst[k] + c);
+      Vec acc1 = S::load(dst[k] + c + kL);
+#pragma GCC unroll 4
+      for (int i = 0; i < kNw; ++i) {
+        const Vec a = S::set1(coef[k][i]);
+        acc0 = S::fma(a, w0[i], acc0);
+        acc1 = S::fma(a, w1[i], acc1);
+      }
+      S::store(dst[k] + c, acc0);
+      S::store(dst[k] + c + kL, acc1);
+    }
+  }
+  for (; c + kL <= len; c += kL) {
+    Vec w0[kNw];
+#pragma GCC unroll 4
+    for (int i = 0; i < kNw; ++i) w0[i] = S::template weights<kType>(ws[i], c);
+    for (int k = 0; k < kRows; ++k) {
+      Vec acc0 = S::load(dst[k] + c);
+#pragma GCC unroll 4
+      for (int i = 0; i < kNw; ++i) acc0 = S::fma(S::set1(coef[k][i]), w0[i], acc0);
+      S::store(dst[k] + c, acc0);
+    }
+  }
+  for (; c < len; ++c) {
+    for (int k = 0; k < kRows; ++k) {
+      float v = dst[k][c];
+      for (int i = 0; i < kNw; ++i) v = __builtin_fmaf(coef[k][i], load1<kType>(ws[i], c), v);
+      dst[k][c] = v;
+    }
+  }
+}
+
 template <class S, WeightType kType, int kNw>
 void axpys_n(const void* const* ws, const void* const* nexts, const float* const* coefs,
              const int32_t* rows, int nrows, float* buf, int64_t ldb, int64_t len) {
-  using Vec = typename S::Vec;
-  constexpr int kL = S::kLanes;
-  for (int k = 0; k < nrows; ++k) {
-    const int32_t b = rows[k];
-    float* dst = buf + b * ldb;
-    Vec a[kNw];
-    for (int i = 0; i < kNw; ++i) a[i] = S::set1(coefs[i][b]);
-    const bool fetch = k == 0 && nexts != nullptr;  // the first pass streams from memory
-    int64_t c = 0;
-    for (; c + 2 * kL <= len; c += 2 * kL) {
-      if (fetch) {
-        for (int i = 0; i < kNw; ++i) {
-          if (nexts[i] != nullptr) prefetch<kType>(nexts[i], c, 2 * kL);
-        }
-      }
-      Vec acc0 = S::load(dst + c);
-      Vec acc1 = S::load(dst + c + kL);
-      for (int i = 0; i < kNw; ++i) {
-        acc0 = S::fma(a[i], S::template weights<kType>(ws[i], c), acc0);
-        acc1 = S::fma(a[i], S::template weights<kType>(ws[i], c + kL), acc1);
-      }
-      S::store(dst + c, acc0);
-      S::store(dst + c + kL, acc1);
+  constexpr int kR = 4;  // batch rows per pass over the weights
+  for (int k0 = 0; k0 < nrows; k0 += kR) {
+    const int nr = nrows - k0 < kR ? nrows - k0 : kR;
+    float* dst[kR];
+    float coef[kR][kNw];
+    for (int k = 0; k < nr; ++k) {
+      dst[k] = buf + rows[k0 + k] * ldb;
+      for (int i = 0; i < kNw; ++i) coef[k][i] = coefs[i][rows[k0 + k]];
     }
-    for (; c + kL <= len; c += kL) {
-      Vec acc0 = S::load(dst + c);
-      for (int i = 0; i < kNw; ++i) acc0 = S::fma(a[i], S::template weights<kType>(ws[i], c), acc0);
-      S::store(dst + c, acc0);
-    }
-    for (; c < len; ++c) {
-      float v = dst[c];
-      for (int i = 0; i < kNw; ++i) v = __builtin_fmaf(coefs[i][b], load1<kType>(ws[i], c), v);
-      dst[c] = v;
+    const void* const* fetch = k0 == 0 ? nexts : nullptr;  // the first pass streams from memory
+    switch (nr) {
+      case 1:
+        axpys_pass<S, kType, kNw, 1>(ws, fetch, dst, coef, len);
+        break;
+      case 2:
+        axpys_pass<S, kType, kNw, 2>(ws, fetch, dst, coef, len);
+        break;
+      case 3:
+        axpys_pass<S, kType, kNw, 3>(ws, fetch, dst, coef, len);
+        break;
+      default:
+        axpys_pass<S, kType, kNw, 4>(ws, fetch, dst, coef, len);
     }
   }
 }
