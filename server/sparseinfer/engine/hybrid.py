@@ -152,13 +152,18 @@ class TieredFFN:
             return ops.linear(x, w, None, tier.dot_format)
         return linear(x, w, rows_up_to=self.rows_up_to)
 
-    def _gemms_win(self, n: int, union: int) -> bool:
-        """Whether torch's GEMMs beat the sparse kernels for ``n`` rows over ``union`` neurons, on a CPU where
-        ``model.linear`` hands inputs this long to torch (native bf16: AMX). A cost model, not a tuned
-        threshold: the sparse kernel reads each union row once per 2 input rows (kMaxDotRows), while torch's
-        GEMM reads every row once and, up to tens of rows, costs about one GEMV (on the Sapphire Rapids of
-        benchmarks/results/README.md: 0.91-1.12 ms for 1-32 rows of a 4096 x 4096 bf16 weight)."""
-        return n > self.rows_up_to and not self._quantized and union * n > 2 * self.m
+    def _gemms_win(self, n: int, union: int, row_mask: torch.Tensor | None) -> bool:
+        """Whether torch's GEMMs beat the sparse kernel for ``n`` rows over ``union`` neurons (``row_mask``:
+        which rows use which, None: all rows the whole union), on a CPU where ``model.linear`` hands inputs
+        this long to torch (native bf16: AMX). A cost model from measurement (benchmarks/results/README.md,
+        "Batched FFN: sparse kernel or GEMMs", LLaMA-7B shapes in bf16 on 2 Sapphire Rapids cores): the sparse
+        kernel costs ~0.77 µs per union neuron (its three rows read once for all input rows) plus ~0.31 µs per
+        (row, neuron) pair it computes; torch's GEMMs ~1.6 µs per neuron of the layer for 8 to 32 rows. So
+        the GEMMs win where union + 0.4 · pairs > 2.1 · m."""
+        if n <= self.rows_up_to or self._quantized:
+            return False
+        pairs = n * union if row_mask is None else int(row_mask.sum())
+        return 10 * union + 4 * pairs > 21 * self.m  # in integers: no rounding at the boundary
 
     def activations(self, x: torch.Tensor, tier: Tier) -> torch.Tensor:
         """Dense h of one tier's neurons: x (N, d) on the tier's device -> (N, m_t), in x's dtype."""
@@ -190,7 +195,7 @@ class TieredFFN:
             inputs.append((t, x.to(t.device), keep))
         parts = []
         for t, xt, keep in inputs:
-            if t.device.type == "cpu" and not self._gemms_win(xt.shape[0], self.m):
+            if t.device.type == "cpu" and not self._gemms_win(xt.shape[0], self.m, keep):
                 parts.append(self._sparse(t, xt, t.all_rows, keep))  # (N, d)
                 continue
             h = self.activations(xt, t)  # (N, m_t)
@@ -217,7 +222,7 @@ class TieredFFN:
     ) -> torch.Tensor:
         """FFN over the neurons in ``union`` (int32 ascending global ids), h masked per row by ``row_mask``
         (N, m) when given (None: every row uses the whole union). x (N, d) -> (N, d) on the output device."""
-        if union.numel() > crossover * self.m or self._gemms_win(x.shape[0], union.numel()):
+        if union.numel() > crossover * self.m or self._gemms_win(x.shape[0], union.numel(), row_mask):
             if row_mask is None and union.numel() < self.m:
                 row_mask = torch.zeros(x.shape[0], self.m, dtype=torch.bool, device=self.out_device)
                 row_mask[:, union.long()] = True
