@@ -92,11 +92,12 @@ def test_long_inputs_over_big_unions_take_the_gemms(monkeypatch):
     w_in, w_up, w_out = weights(True)
     ffn = tiered(w_in, w_up, w_out, "silu", rows_up_to=2)
     assert not ffn._gemms_win(2, M, None)  # two rows: model.linear's kernels, not torch
-    # 8 rows over the whole union each: union + 0.4 * 8 * union > 2.1 * M from M / 2 on
-    assert not ffn._gemms_win(8, M // 2, None) and ffn._gemms_win(8, M // 2 + 1, None)
+    # 8 rows over the whole union each: 3 * union + 8 * union > 6.4 * M from 32 * M / 55 on
+    first = 32 * M // 55 + 1
+    assert not ffn._gemms_win(8, first - 1, None) and ffn._gemms_win(8, first, None)
     sparse_rows = torch.zeros(8, M, dtype=torch.bool)
     sparse_rows[:, : M // 10] = True  # few (row, neuron) pairs over the same big union
-    assert not ffn._gemms_win(8, M // 2 + 1, sparse_rows)
+    assert not ffn._gemms_win(8, first, sparse_rows)
     monkeypatch.setattr(TieredFFN, "_sparse", lambda *a: pytest.fail("sparse kernel used"))
     x = torch.randn(8, D)
     mask = random_mask(8, 0.5, seed=8)

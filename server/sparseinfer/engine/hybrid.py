@@ -155,15 +155,15 @@ class TieredFFN:
     def _gemms_win(self, n: int, union: int, row_mask: torch.Tensor | None) -> bool:
         """Whether torch's GEMMs beat the sparse kernel for ``n`` rows over ``union`` neurons (``row_mask``:
         which rows use which, None: all rows the whole union), on a CPU where ``model.linear`` hands inputs
-        this long to torch (native bf16: AMX). A cost model from measurement (benchmarks/results/README.md,
-        "Batched FFN: sparse kernel or GEMMs", LLaMA-7B shapes in bf16 on 2 Sapphire Rapids cores): the sparse
-        kernel costs ~0.77 µs per union neuron (its three rows read once for all input rows) plus ~0.31 µs per
-        (row, neuron) pair it computes; torch's GEMMs ~1.6 µs per neuron of the layer for 8 to 32 rows. So
-        the GEMMs win where union + 0.4 · pairs > 2.1 · m."""
+        this long to torch (native bf16: AMX). A cost model fitted to ``scripts/ffn_crossover.py``
+        (benchmarks/results/README.md, "Batched FFN: sparse kernel or GEMMs"; LLaMA-7B shapes in bf16 on 2
+        Sapphire Rapids cores): the sparse kernel costs ~0.73 µs per union neuron (its three rows read once
+        for all input rows) plus ~0.24 µs per (row, neuron) pair it computes; torch's GEMMs ~1.56 µs per
+        neuron of the layer for 8 to 32 rows. So the GEMMs win where 3 · union + pairs > 6.4 · m."""
         if n <= self.rows_up_to or self._quantized:
             return False
         pairs = n * union if row_mask is None else int(row_mask.sum())
-        return 10 * union + 4 * pairs > 21 * self.m  # in integers: no rounding at the boundary
+        return 15 * union + 5 * pairs > 32 * self.m  # in integers: no rounding at the boundary
 
     def activations(self, x: torch.Tensor, tier: Tier) -> torch.Tensor:
         """Dense h of one tier's neurons: x (N, d) on the tier's device -> (N, m_t), in x's dtype."""
