@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "axpy_passes.h"
 #include "quant.h"
 
 namespace sparseinfer {
@@ -328,30 +329,11 @@ void qaxpys_pass(const uint8_t* const* ws, const uint8_t* const* nexts, float* c
 template <QuantFormat F, int kNw>
 void qaxpys_n(const uint8_t* const* ws, const uint8_t* const* nexts, const float* const* coefs,
               const int32_t* rows, int nrows, float* buf, int64_t ldb, int64_t nblk) {
-  constexpr int kR = 4;  // batch rows per pass over the weights
-  for (int k0 = 0; k0 < nrows; k0 += kR) {
-    const int nr = nrows - k0 < kR ? nrows - k0 : kR;
-    float* dst[kR];
-    float coef[kR][kNw];
-    for (int k = 0; k < nr; ++k) {
-      dst[k] = buf + rows[k0 + k] * ldb;
-      for (int i = 0; i < kNw; ++i) coef[k][i] = coefs[i][rows[k0 + k]];
-    }
-    const uint8_t* const* fetch = k0 == 0 ? nexts : nullptr;  // the first pass streams from memory
-    switch (nr) {
-      case 1:
-        qaxpys_pass<F, kNw, 1>(ws, fetch, dst, coef, nblk);
-        break;
-      case 2:
-        qaxpys_pass<F, kNw, 2>(ws, fetch, dst, coef, nblk);
-        break;
-      case 3:
-        qaxpys_pass<F, kNw, 3>(ws, fetch, dst, coef, nblk);
-        break;
-      default:
-        qaxpys_pass<F, kNw, 4>(ws, fetch, dst, coef, nblk);
-    }
-  }
+  axpy_passes<kNw>(
+      coefs, rows, nrows, buf, ldb, nexts,
+      [&](auto kRows, const uint8_t* const* fetch, float* const* dst, const float (*coef)[kNw]) {
+        qaxpys_pass<F, kNw, decltype(kRows)::value>(ws, fetch, dst, coef, nblk);
+      });
 }
 
 template <QuantFormat F>

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "axpy_passes.h"
 #include "row_kernels.h"
 
 namespace sparseinfer {
@@ -137,30 +138,11 @@ void axpys_pass(const void* const* ws, const void* const* nexts, float* const* d
 template <class S, WeightType kType, int kNw>
 void axpys_n(const void* const* ws, const void* const* nexts, const float* const* coefs,
              const int32_t* rows, int nrows, float* buf, int64_t ldb, int64_t len) {
-  constexpr int kR = 4;  // batch rows per pass over the weights
-  for (int k0 = 0; k0 < nrows; k0 += kR) {
-    const int nr = nrows - k0 < kR ? nrows - k0 : kR;
-    float* dst[kR];
-    float coef[kR][kNw];
-    for (int k = 0; k < nr; ++k) {
-      dst[k] = buf + rows[k0 + k] * ldb;
-      for (int i = 0; i < kNw; ++i) coef[k][i] = coefs[i][rows[k0 + k]];
-    }
-    const void* const* fetch = k0 == 0 ? nexts : nullptr;  // the first pass streams from memory
-    switch (nr) {
-      case 1:
-        axpys_pass<S, kType, kNw, 1>(ws, fetch, dst, coef, len);
-        break;
-      case 2:
-        axpys_pass<S, kType, kNw, 2>(ws, fetch, dst, coef, len);
-        break;
-      case 3:
-        axpys_pass<S, kType, kNw, 3>(ws, fetch, dst, coef, len);
-        break;
-      default:
-        axpys_pass<S, kType, kNw, 4>(ws, fetch, dst, coef, len);
-    }
-  }
+  axpy_passes<kNw>(
+      coefs, rows, nrows, buf, ldb, nexts,
+      [&](auto kRows, const void* const* fetch, float* const* dst, const float (*coef)[kNw]) {
+        axpys_pass<S, kType, kNw, decltype(kRows)::value>(ws, fetch, dst, coef, len);
+      });
 }
 
 template <class S, WeightType kType>
