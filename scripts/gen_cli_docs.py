@@ -17,9 +17,12 @@ ENVIRONMENT = [
     (
         "SPARSEINFER_DENSE_LINEAR",
         "sparseinfer",
-        "`auto` (default), `torch` or `rows`: the kernel of the dense projections, decided once at load "
-        "(`model/linear.py`). `auto`: our row kernels for every input on a CPU without native bf16; with "
-        "AVX512_BF16 / AMX only for inputs of up to 2 rows (fp16: 4), torch's GEMMs for longer ones",
+        "`auto` (default), `torch`, `rows` or a number N: the kernel of the dense projections, decided once "
+        "at load (`model/linear.py`). `auto`: measured, per weight shape, the first time a machine loads it "
+        "(`model/linear_calibration.py`, a second or so per shape), and cached in "
+        "`$XDG_CACHE_HOME/sparseinfer/dense-linear.json` (delete it to recalibrate): our row kernels for "
+        "inputs of up to as many rows as they beat torch at, torch beyond. `torch`/`rows`: one of them "
+        "for every input; N: ours for inputs of up to N rows",
     ),
     ("SPARSEINFER_HUGEPAGES", "sparseinfer", "`0` keeps CPU weights out of transparent huge pages"),
     (

@@ -41,7 +41,7 @@ class Environment:
 
     model: str | None = None  # SPARSEINFER_MODEL: default for --model
     auth_token: str | None = None  # SPARSEINFER_AUTH_TOKEN: default for `serve --auth-token`
-    dense_linear: str = "auto"  # SPARSEINFER_DENSE_LINEAR: auto | torch | rows (model.linear)
+    dense_linear: str = "auto"  # SPARSEINFER_DENSE_LINEAR: auto | torch | rows | N (model.linear)
     hugepages: bool = True  # SPARSEINFER_HUGEPAGES=0 keeps CPU weights out of huge pages (engine.hugepages)
 
     def engine_config(self, **fields: Any) -> EngineConfig:
@@ -56,14 +56,14 @@ class Environment:
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
     """The one place environment variables are read (at run time, never at import)."""
-    from sparseinfer.model.linear import DENSE_LINEAR_CHOICES
+    from sparseinfer.model.linear import check_choice
 
     env = os.environ if environ is None else environ
     dense_linear = (env.get("SPARSEINFER_DENSE_LINEAR") or "auto").strip().lower()
-    if dense_linear not in DENSE_LINEAR_CHOICES:
-        raise UsageError(
-            f"SPARSEINFER_DENSE_LINEAR must be {', '.join(DENSE_LINEAR_CHOICES)}, got {dense_linear!r}"
-        )
+    try:
+        check_choice(dense_linear)
+    except ValueError as e:
+        raise UsageError(f"SPARSEINFER_DENSE_LINEAR: {e}") from None
     return Environment(
         model=env.get("SPARSEINFER_MODEL") or None,
         auth_token=env.get("SPARSEINFER_AUTH_TOKEN") or None,

@@ -100,10 +100,11 @@ def test_prefill_batch_equals_prefill_alone_in_every_mode(calibrated_checkpoint,
 
 
 def test_prefill_batch_equals_prefill_alone_on_the_bundled_model():
-    """The shipped bf16 model, dense, as the server runs it: the same tokens and reports, and bit for bit
-    the same first-token log-probabilities. (Later steps decode rows of different lengths together, where
-    the CPU attention kernel's masked path rounds a bf16 row slightly differently than alone: close, not
-    equal.)"""
+    """The shipped bf16 model, dense, as the server runs it: the same tokens and reports, and close
+    log-probabilities. Not bit for bit: a projection's kernel depends on how many rows it is given (ours up
+    to the calibrated ``rows_up_to``, torch's beyond: model.linear), so a prompt prefilled alone and the
+    same prompt in a batch may round differently; and later steps decode rows of different lengths
+    together, where the CPU attention kernel's masked path rounds a bf16 row slightly differently."""
     path = bundled_model_path()
     gen = Engine(load_model(path).eval(), load_tokenizer(path), max_batch=4, max_seq=64)
     params = [_params(i) for i in range(len(PROMPTS))]
@@ -111,7 +112,6 @@ def test_prefill_batch_equals_prefill_alone_on_the_bundled_model():
     together = _run_together(gen, PROMPTS, params, [None] * len(PROMPTS))
     for (a, a_logprobs), (b, b_logprobs) in zip(alone, together, strict=True):
         assert b.output_ids == a.output_ids
-        assert b_logprobs[0] == a_logprobs[0]
         torch.testing.assert_close(b_logprobs, a_logprobs, rtol=0, atol=0.05)
         assert b.sparsity.report() == a.sparsity.report()
 

@@ -120,3 +120,13 @@ def test_a_crash_with_repacking_is_measured_without_it_from_then_on(tmp_path):
     result["meta"]["llama_cpp_without_repack"] = sorted(no_repack)
     assert "crashed (SIGSEGV) with its weight repacking for model-Q8_0.gguf pp" in format_table(result)
     assert "SIGSEGV" not in format_table(_result())
+
+
+def test_report_says_which_kernel_the_dense_projections_used():
+    result = _result()
+    assert "SPARSEINFER_DENSE_LINEAR" not in format_table(result)  # a result from before it was recorded
+    result["meta"]["dense_linear"] = "auto"
+    result["meta"]["dense_linear_rows_up_to"] = {"bfloat16:4096x4096": 4, "bfloat16:32000x4096": 2**31 - 1}
+    table = format_table(result)
+    assert "`SPARSEINFER_DENSE_LINEAR=auto`" in table
+    assert "bfloat16:4096x4096 ≤ 4; bfloat16:32000x4096 any." in table

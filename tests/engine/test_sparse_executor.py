@@ -52,7 +52,10 @@ def tiered(w_in, w_up, w_out, activation, hot_ids=None, rows_up_to=EVERY_INPUT):
             make_tier(w_in, w_up, w_out, hot_ids, cpu, hot=True),
             make_tier(w_in, w_up, w_out, cold.nonzero().flatten(), cpu, hot=False),
         ]
-    return TieredFFN(tiers, M, cpu, activation, THRESHOLD, rows_up_to)
+    ffn = TieredFFN(tiers, M, cpu, activation, THRESHOLD)
+    [(_, assign)] = ffn.dense_projections()  # as model.linear.use_row_kernels sets it
+    assign(rows_up_to)
+    return ffn
 
 
 def random_mask(n, density, seed):
@@ -240,7 +243,11 @@ def test_predictor_hands_inputs_longer_than_rows_up_to_to_torch(monkeypatch):
     g = torch.Generator().manual_seed(11)
     parts = [torch.randn(6, D, generator=g), torch.randn(6, generator=g), torch.randn(M, 6, generator=g)]
     w1, b1, w2 = (t.bfloat16() for t in parts)
-    predictor = LayerPredictor(w1, b1, w2, torch.zeros(M).bfloat16(), 0.3, "relu", rows_up_to=2)
+    predictor = LayerPredictor(w1, b1, w2, torch.zeros(M).bfloat16(), 0.3, "relu")
+    sites = list(predictor.dense_projections())
+    assert [w.shape for w, _ in sites] == [w1.shape, w2.shape]
+    for _, assign in sites:  # as model.linear.use_row_kernels sets them
+        assign(2)
     ours = []
     real = sf.ops.linear
     monkeypatch.setattr(sf.ops, "linear", lambda x, *a: ours.append(x.shape[0]) or real(x, *a))

@@ -44,32 +44,24 @@ def test_module_keeps_nn_linear_parameters():
 
 
 def test_rejects_unknown_choice():
-    with pytest.raises(ValueError, match="dense linear kernel must be one of auto, torch, rows"):
+    with pytest.raises(ValueError, match="dense linear kernel must be one of auto, torch, rows or a number"):
         lin.use_row_kernels(lin.Linear(8, 4), "fast")
     from sparseinfer.cli import UsageError, read_environment
 
     with pytest.raises(UsageError, match="SPARSEINFER_DENSE_LINEAR"):
         read_environment({"SPARSEINFER_DENSE_LINEAR": "fast"})
+    assert read_environment({"SPARSEINFER_DENSE_LINEAR": " 6 "}).dense_linear == "6"
 
 
 def test_the_choice_is_made_once_at_load(tiny_random_checkpoint, monkeypatch):
     from sparseinfer.model import load_model
 
-    for choice, up_to in (("rows", lin.EVERY_INPUT), ("torch", 0)):
+    for choice, up_to in (("rows", lin.EVERY_INPUT), ("torch", 0), ("5", 5)):
         model = load_model(tiny_random_checkpoint, dtype=torch.bfloat16, dense_linear=choice)
         assert {m.rows_up_to for m in model.modules() if isinstance(m, lin.Linear)} == {up_to}
     monkeypatch.setenv("SPARSEINFER_DENSE_LINEAR", "rows")  # nothing below the CLI reads it
     model = load_model(tiny_random_checkpoint, dtype=torch.bfloat16, dense_linear="torch")
     assert not any(m.rows_up_to for m in model.modules() if isinstance(m, lin.Linear))
-
-
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_hands_long_inputs_to_torch_only_where_the_cpu_has_native_bf16(native, monkeypatch):
-    monkeypatch.setattr(lin, "_cpu_has_native_bf16", lambda: native)
-    for dtype in (torch.bfloat16, torch.float16):
-        want = lin.NATIVE_BF16_ROWS_UP_TO[dtype] if native else lin.EVERY_INPUT
-        assert lin.rows_up_to("auto", dtype) == want
-        assert lin.rows_up_to("rows", dtype) == lin.EVERY_INPUT and lin.rows_up_to("torch", dtype) == 0
 
 
 def test_inputs_longer_than_rows_up_to_go_to_torch(monkeypatch):

@@ -101,11 +101,14 @@ def _prompt(n: int, seed: int) -> list[int]:
 
 def run_llamacpp_bench(config: LlamaCppBenchConfig, out: TextIO) -> dict[str, Any]:
     """Measure; return the JSON-able result."""
+    from sparseinfer.cli import read_environment
     from sparseinfer.engine.factory import EngineConfig, load_engine
     from sparseinfer.engine.hugepages import to_hugepages
     from sparseinfer.engine.modes import SparsityConfig
+    from sparseinfer.model.linear_calibration import calibration
 
     config.validate()
+    dense_linear = read_environment().dense_linear  # $SPARSEINFER_DENSE_LINEAR, as the other commands
     torch.set_num_threads(config.threads)
     tools = locate(config.llama_cpp, config.cache or default_cache(), out)
     path = write_checkpoint(config, out)
@@ -123,6 +126,7 @@ def run_llamacpp_bench(config: LlamaCppBenchConfig, out: TextIO) -> dict[str, An
             sparsity=SparsityConfig(mode="dense"),
             per_request_modes=True,
             weights=OURS[fmt],
+            dense_linear=dense_linear,
         )
         engines[fmt] = load_engine(path, engine_config)
         parts = em.weight_bytes(engines[fmt])
@@ -132,7 +136,10 @@ def run_llamacpp_bench(config: LlamaCppBenchConfig, out: TextIO) -> dict[str, An
             "kv_cache_bytes": engines[fmt].cache.nbytes(),
         }
         out.write(f"loaded ours, {fmt}: {sum(parts.values()) / 2**30:.2f} GiB of weights\n")
-        silu_engines[fmt] = load_engine(silu, EngineConfig(max_seq=engine_config.max_seq, weights=OURS[fmt]))
+        silu_config = EngineConfig(
+            max_seq=engine_config.max_seq, weights=OURS[fmt], dense_linear=dense_linear
+        )
+        silu_engines[fmt] = load_engine(silu, silu_config)
     buf = to_hugepages(torch.ones(1 << 28))  # 1 GiB
     decode_prompt = _prompt(config.decode_prompt_tokens, config.seed + 1)
     prefill_prompt = _prompt(config.prompt_tokens, config.seed + 2)
@@ -187,6 +194,8 @@ def run_llamacpp_bench(config: LlamaCppBenchConfig, out: TextIO) -> dict[str, An
             },
         }
     meta = _meta(config, tools, path)
+    meta["dense_linear"] = dense_linear
+    meta["dense_linear_rows_up_to"] = calibration().chosen()  # what "auto" measured, these shapes and more
     meta["llama_cpp_without_repack"] = sorted(no_repack)
     return {
         "meta": meta,

@@ -6,6 +6,7 @@ import statistics
 from typing import Any
 
 from sparseinfer.bench import engine_measure as em
+from sparseinfer.model.linear_calibration import EVERY_INPUT
 
 
 def _median(result: dict[str, Any], key: str) -> float | None:
@@ -49,6 +50,20 @@ def _without_repack(meta: dict[str, Any]) -> list[str]:
     ]
 
 
+def _dense_linear(meta: dict[str, Any]) -> list[str]:
+    """Which kernel our unquantized dense projections used (``model.linear``): the calibration's choice."""
+    chosen = meta.get("dense_linear_rows_up_to")
+    if not chosen:  # a result from before the calibration was recorded
+        return []
+    shown = [f"{shape} {'any' if n == EVERY_INPUT else f'≤ {n}'}" for shape, n in chosen.items()]
+    return [
+        f"Our unquantized dense projections (`SPARSEINFER_DENSE_LINEAR={meta['dense_linear']}`; `auto`: "
+        "calibrated on this machine at load, `model/linear_calibration.py`) ran our row kernels for "
+        f"inputs of up to this many rows, torch's beyond: {'; '.join(shown)}.",
+        "",
+    ]
+
+
 def format_table(result: dict[str, Any]) -> str:
     meta, memory, extras = result["meta"], result["memory"], result["extras"]
     c = meta["config"]
@@ -71,6 +86,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"ratios. Read bandwidth in the same rounds (read_bytes, 1 GiB in huge pages): median {bw:.1f} GB/s.",
         "",
         *_without_repack(meta),
+        *_dense_linear(meta),
         "| format | llama.cpp tok/s | ours dense, SiLU | ours dense | ours predicted "
         "| dense SiLU / llama.cpp | dense / llama.cpp | predicted / llama.cpp "
         "| dense SiLU weight GB/s | predicted weight GB/s |",

@@ -21,7 +21,7 @@ import torch
 
 from sparseinfer.engine.generate import Engine
 from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
-from sparseinfer.model.linear import rows_up_to
+from sparseinfer.model.linear import check_choice, use_row_kernels
 from sparseinfer.model.quant import quantize_linears, validate_weights
 from sparseinfer.model.step import SparsityMode
 from sparseinfer.model.tokenizer import Tokenizer
@@ -46,7 +46,7 @@ class EngineConfig:
             raise ValueError(f"max_batch must be ≥ 1, got {self.max_batch}")
         if self.max_seq is not None and self.max_seq < 1:
             raise ValueError(f"max_seq must be ≥ 1, got {self.max_seq}")
-        rows_up_to(self.dense_linear)  # raises for an unknown choice
+        check_choice(self.dense_linear)
         validate_weights(self.weights)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be ≥ 1, got {self.threads}")
@@ -94,7 +94,7 @@ def load_engine(model_dir: str | Path, config: EngineConfig, tokenizer: Tokenize
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(directory)
-    model = load_model(directory, dtype=config.dtype, dense_linear=config.dense_linear)
+    model = load_model(directory, dtype=config.dtype, dense_linear=None)  # chosen below, once all is in place
     context = int(model.config.max_position_embeddings)
     max_seq = min(config.max_seq, context) if config.max_seq is not None else context
     sparse = config.sparsity
@@ -118,4 +118,7 @@ def load_engine(model_dir: str | Path, config: EngineConfig, tokenizer: Tokenize
         quantize_linears(model, config.weights, sparse.hugepages)
     _own_weights(model, sparse.hugepages)
     return_freed_heap()
+    # On the weights as they will run (fused, in huge pages, the runtime's tiers): the calibration of a
+    # new shape times the kernels on them.
+    use_row_kernels(model, config.dense_linear)
     return Engine(model, tokenizer, max_batch=config.max_batch, max_seq=max_seq, sparsity=runtime)

@@ -14,6 +14,7 @@ the CPU: the same code runs, which is how the split is tested on CPU-only machin
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -118,11 +119,11 @@ class TieredFFN:
         out_device: torch.device,
         activation: str,
         threshold: float,
-        rows_up_to: int = EVERY_INPUT,
     ) -> None:
-        """``rows_up_to``: ``model.linear``'s, as the model's projections were given at load."""
         self.tiers = [t for t in tiers if t.size > 0]
-        self.rows_up_to = rows_up_to
+        # model.linear's for the tiers' gate/up GEMMs: set by ``use_row_kernels`` (``dense_projections``)
+        # from the CPU tier's calibration; until then our kernels for every input.
+        self.rows_up_to = EVERY_INPUT
         self._quantized = any(t.quantized for t in self.tiers)
         self.m = num_neurons
         self.out_device = out_device
@@ -151,6 +152,14 @@ class TieredFFN:
         if tier.quantized:
             return ops.linear(x, w, None, tier.dot_format)
         return linear(x, w, rows_up_to=self.rows_up_to)
+
+    def dense_projections(self) -> Iterator[tuple[torch.Tensor, Callable[[int], None]]]:
+        """The weights whose kernel ``model.linear.use_row_kernels`` decides, with a setter: the CPU tier's
+        unquantized gate/up rows (a hot tier's GEMMs run on its GPU, where ``linear`` takes torch)."""
+        for t in self.tiers:
+            if t.device.type == "cpu" and not t.quantized:
+                yield t.w_in, lambda up_to: setattr(self, "rows_up_to", up_to)
+                return
 
     def _gemms_win(self, n: int, union: int, row_mask: torch.Tensor | None) -> bool:
         """Whether torch's GEMMs beat the sparse kernel for ``n`` rows over ``union`` neurons (``row_mask``:

@@ -125,12 +125,12 @@ class SparseRuntime:
                     make_tier(w_in, w_up, w_out, hot, placement.hot_device, True, hp),
                     make_tier(w_in, w_up, w_out, cold.nonzero().flatten(), torch.device("cpu"), False, hp),
                 ]
-            # The tiers' dense GEMMs and the predictor use the kernels the model's projections got at load.
-            up_to = mlp.gate_proj.rows_up_to
-            tiered = TieredFFN(tiers, m, out_device, mlp.activation, model.config.activation_threshold, up_to)
+            # The kernels of the tiers' dense GEMMs and of the predictor: model.linear.use_row_kernels, run
+            # by the engine once every weight is in place.
+            tiered = TieredFFN(tiers, m, out_device, mlp.activation, model.config.activation_threshold)
             predictor = None
             if predictors is not None:
-                predictor = predictors[li].to(out_device, model.dtype, hp, weights, up_to)
+                predictor = predictors[li].to(out_device, model.dtype, hp, weights)
             eps = float(thresholds[li]) if thresholds is not None else None
             # The dense FFN's weights are dropped with it: the tiers hold the only copy.
             block.mlp = SparseFFN(li, tiered, eps, predictor, default_mode, crossover)

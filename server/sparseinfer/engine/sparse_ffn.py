@@ -16,6 +16,8 @@ neurons), so a row's output never depends on its batch-mates (up to fp32 summati
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,14 +45,15 @@ class LayerPredictor:
         score_threshold: float,
         hidden_activation: str | None,
         formats: tuple[str, str] = ("none", "none"),
-        rows_up_to: int = EVERY_INPUT,
     ) -> None:
         self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2  # (r, d), (r,), (m, r), (m,)
         self.hidden_activation = hidden_activation
         self.score_threshold = float(score_threshold)
         self.threshold = strict_logit_threshold(self.score_threshold)
         self.formats = formats  # ops.linear's weight_format of w1 and w2 ("none": in the biases' dtype)
-        self.rows_up_to = rows_up_to  # unquantized: inputs of at most this many rows through ops.linear
+        # Unquantized: inputs of at most this many rows through ops.linear, per weight (``model.linear``:
+        # set by ``use_row_kernels`` through ``dense_projections``); until then our kernels for every input.
+        self.rows_up_to = {"w1": EVERY_INPUT, "w2": EVERY_INPUT}
 
     @classmethod
     def from_trained(cls, predictor: LowRankPredictor, score_threshold: float) -> LayerPredictor:
@@ -59,19 +62,25 @@ class LayerPredictor:
         weights = (p.w1.weight, p.w1.bias, p.w2.weight, p.w2.bias)
         return cls(*(w.detach() for w in weights), score_threshold, p.hidden_activation)
 
-    def _project(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, fmt: str) -> torch.Tensor:
-        # Our kernels (torch's CPU bf16 GEMV is many times slower at these shapes), except where
-        # model.linear hands inputs this long to torch (a CPU with native bf16: its AMX GEMM).
-        if fmt == "none" and x.device.type == "cpu" and x.shape[0] > self.rows_up_to:
+    def _project(self, x: torch.Tensor, name: str, b: torch.Tensor, fmt: str) -> torch.Tensor:
+        # Our kernels, except where the calibration found torch faster for inputs this long.
+        w = getattr(self, name)
+        if fmt == "none" and x.device.type == "cpu" and x.shape[0] > self.rows_up_to[name]:
             return F.linear(x, w, b)
         return ops.linear(x, w, b, fmt)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """(N, d) -> (N, m) logits in the model dtype."""
-        z = self._project(x.to(self.b1.dtype).contiguous(), self.w1, self.b1, self.formats[0])  # (N, r)
+        z = self._project(x.to(self.b1.dtype).contiguous(), "w1", self.b1, self.formats[0])  # (N, r)
         if self.hidden_activation == "relu":
             z = F.relu(z)
-        return self._project(z, self.w2, self.b2, self.formats[1])  # (N, m)
+        return self._project(z, "w2", self.b2, self.formats[1])  # (N, m)
+
+    def dense_projections(self) -> Iterator[tuple[torch.Tensor, Callable[[int], None]]]:
+        """The unquantized weights whose kernel ``model.linear.use_row_kernels`` decides, with a setter."""
+        for name, fmt in zip(("w1", "w2"), self.formats, strict=True):
+            if fmt == "none":
+                yield getattr(self, name), lambda up_to, n=name: self.rows_up_to.__setitem__(n, up_to)
 
     @property
     def numel(self) -> int:
@@ -92,11 +101,10 @@ class LayerPredictor:
         dtype: torch.dtype,
         hugepages: bool = True,
         weights: str = "checkpoint",
-        rows_up_to: int = EVERY_INPUT,
     ) -> LayerPredictor:
         """A copy on ``device`` in ``dtype`` (the model's: a bf16 model reads half the predictor bytes), its
         weights quantized to ``weights`` (a ``model.quant`` format; CPU only, where rows hold whole blocks),
-        in huge pages on the CPU unless ``hugepages`` is off; ``rows_up_to``: ``model.linear``'s."""
+        in huge pages on the CPU unless ``hugepages`` is off."""
         b1, b2 = (to_hugepages(t.to(device, dtype).contiguous(), hugepages) for t in (self.b1, self.b2))
         packed, formats = [], []
         for w in (self.w1, self.w2):
@@ -108,7 +116,7 @@ class LayerPredictor:
                 formats.append("none")
         w1, w2 = packed
         return LayerPredictor(
-            w1, b1, w2, b2, self.score_threshold, self.hidden_activation, (formats[0], formats[1]), rows_up_to
+            w1, b1, w2, b2, self.score_threshold, self.hidden_activation, (formats[0], formats[1])
         )
 
 
@@ -134,6 +142,12 @@ class SparseFFN(nn.Module):
         self.crossover = crossover  # union density above which the layer runs its dense GEMMs
         self.m = tiered.m
         self._hot_count = int(tiered.hot_mask.sum())
+
+    def dense_projections(self) -> Iterator[tuple[torch.Tensor, Callable[[int], None]]]:
+        """The tiers' and the predictor's weights whose kernel ``model.linear.use_row_kernels`` decides."""
+        yield from self.tiered.dense_projections()
+        if self.predictor is not None:
+            yield from self.predictor.dense_projections()
 
     def _truth(self, x: torch.Tensor) -> torch.Tensor:
         if self.eps is None:

@@ -1,59 +1,60 @@
 """The model's dense projections: torch's ``F.linear``, or our row kernels (``ops.linear``) where those win.
 
-torch's CPU matmul in bf16/fp16 is slow on a CPU without native bf16 matrix instructions (AVX-512 BF16,
-AMX); there our row kernels are several times faster at decode batch sizes (figures:
-benchmarks/results/kernels.md). On a CPU with them (AMX: oneDNN's bf16 GEMM), torch is slower than our
-rows only for the first input rows: a GEMV streams the weights at bandwidth either way, and from a few
-rows on torch's tiles reuse each weight across rows where ours re-read it. So the choice is a number,
-``rows_up_to``: inputs of at most that many rows go through the row kernels, longer ones through torch.
-It is decided once, when the model is loaded (``use_row_kernels``), and kept on the module
-(``Linear.rows_up_to``): nothing is looked up per call. The choice is ``"auto"`` (the rule of
-``rows_up_to``), ``"torch"`` (0) or ``"rows"`` (every input); the CLI reads it from
-``$SPARSEINFER_DENSE_LINEAR``. The row kernels only ever run half-precision inference on the CPU: fp32,
-other devices and autograd stay on ``F.linear`` whatever the choice.
+Which wins depends on the machine and on the number of input rows. torch's CPU bf16/fp16 matmul is slow on
+a CPU without native bf16 matrix instructions, and even with AVX512_BF16 its batch-1 GEMV streams weights
+well below bandwidth, where our row kernels reach it; from a few rows on, a CPU with native bf16 (oneDNN's
+AMX or AVX512_BF16 GEMMs) reuses each weight across rows in its tiles where ours re-read it. So the choice
+is a number per weight shape, ``rows_up_to``: inputs of at most that many rows go through the row kernels,
+longer ones through torch. It is measured, not guessed from CPU flags: ``linear_calibration`` times both on
+the model's weights the first time a machine loads a shape, and caches the result. It is decided once,
+when the model is loaded (``use_row_kernels``), and kept on each module (``Linear.rows_up_to``): nothing is
+looked up per call. The choice is ``"auto"`` (calibrated), ``"torch"`` (0), ``"rows"`` (every input) or a
+number of rows for every shape; the CLI reads it from ``$SPARSEINFER_DENSE_LINEAR``. The row kernels only
+ever run half-precision inference on the CPU: fp32, other devices and autograd stay on ``F.linear`` whatever
+the choice.
 """
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sparseinfer import ops
+from sparseinfer.model.linear_calibration import EVERY_INPUT, calibration, shape_key
 
 _HALF = (torch.bfloat16, torch.float16)
-DENSE_LINEAR_CHOICES = ("auto", "torch", "rows")
-EVERY_INPUT = 2**31 - 1  # rows_up_to of "rows": no input is too long for the row kernels
-# "auto" on a CPU with native bf16 (measured on a 2-core Sapphire Rapids, AMX, 4096 x 4096 .. 11008 x 4096,
-# torch time / row-kernel time; benchmarks/results/README.md): bf16 1.11-1.24 at 1-2 rows (0.85 for the
-# 4096 x 11008 down projection at 2), 0.62 at 4; fp16 (no AMX-FP16 there: torch converts) 1.05-1.15 at 4,
-# 0.92-0.96 at 6.
-NATIVE_BF16_ROWS_UP_TO = {torch.bfloat16: 2, torch.float16: 4}
+DENSE_LINEAR_CHOICES = ("auto", "torch", "rows")  # or a number of rows
 
 
-@functools.cache
-def _cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def check_choice(choice: str) -> str:
+    """``choice`` if it is one of ``DENSE_LINEAR_CHOICES`` or a number of rows ≥ 0; else ValueError."""
+    if choice in DENSE_LINEAR_CHOICES or (choice.isdigit() and int(choice) < EVERY_INPUT):
+        return choice
+    raise ValueError(
+        f"dense linear kernel must be one of {', '.join(DENSE_LINEAR_CHOICES)} or a number of rows, "
+        f"got {choice!r}"
+    )
 
 
-def rows_up_to(choice: str, dtype: torch.dtype = torch.bfloat16) -> int:
-    """The most input rows a CPU projection in ``dtype`` sends through ``ops.linear`` under ``choice``."""
-    if choice not in DENSE_LINEAR_CHOICES:
-        raise ValueError(
-            f"dense linear kernel must be one of {', '.join(DENSE_LINEAR_CHOICES)}, got {choice!r}"
-        )
+def rows_up_to(choice: str, weights: Sequence[torch.Tensor]) -> int:
+    """The most input rows a projection over any of ``weights`` (one shape and dtype) sends through
+    ``ops.linear`` under ``choice``; ``"auto"`` calibrates CPU half-precision weights
+    (``linear_calibration``)."""
+    check_choice(choice)
     if choice == "torch":
         return 0
-    if choice == "rows" or not _cpu_has_native_bf16():
+    if choice == "rows":
         return EVERY_INPUT
-    return NATIVE_BF16_ROWS_UP_TO.get(dtype, EVERY_INPUT)
+    if choice.isdigit():
+        return int(choice)
+    w = weights[0]
+    if w.device.type != "cpu" or w.dtype not in _HALF or w.dim() != 2 or not w.is_contiguous():
+        return 0  # ``linear`` takes torch for these whatever the number
+    return calibration().rows_up_to(weights)
 
 
 def linear(
@@ -97,11 +98,32 @@ def stacked(parts: tuple[Linear, ...]) -> Linear:
     return fused
 
 
-def use_row_kernels(model: nn.Module, choice: str) -> int:
-    """Decide, once, which kernel every ``Linear`` of ``model`` uses (``choice``: see the module docstring);
-    returns the ``rows_up_to`` it chose."""
-    up_to = 0
+Assign = Callable[[int], None]
+
+
+def projection_sites(model: nn.Module) -> Iterator[tuple[torch.Tensor, Assign]]:
+    """Every weight of ``model`` whose kernel ``rows_up_to`` decides, with how to set it: each ``Linear``'s,
+    and those of any module that lists its own (``dense_projections()``: the sparse runtime's FFN tiers and
+    predictors)."""
     for module in model.modules():
         if isinstance(module, Linear):
-            up_to = module.rows_up_to = rows_up_to(choice, module.weight.dtype)
-    return up_to
+            yield module.weight, lambda up_to, m=module: setattr(m, "rows_up_to", up_to)
+        elif hasattr(module, "dense_projections"):
+            yield from module.dense_projections()
+
+
+def use_row_kernels(model: nn.Module, choice: str) -> dict[str, int]:
+    """Decide, once, which kernel every projection of ``model`` uses (``choice``: see the module
+    docstring); weights of one shape and dtype are calibrated together (one per layer: see
+    ``linear_calibration``). Returns ``rows_up_to`` per shape (``linear_calibration.shape_key``)."""
+    check_choice(choice)
+    groups: dict[str, list[tuple[torch.Tensor, Assign]]] = defaultdict(list)
+    for weight, assign in projection_sites(model):
+        groups[f"{weight.device.type}:{shape_key(weight)}"].append((weight, assign))
+    chosen = {}
+    for key, sites in groups.items():
+        up_to = rows_up_to(choice, [w for w, _ in sites])
+        for _, assign in sites:
+            assign(up_to)
+        chosen[key] = up_to
+    return chosen

@@ -96,10 +96,11 @@ def load_model(
     path: str | Path,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
-    dense_linear: str = "auto",
+    dense_linear: str | None = "auto",
 ) -> Transformer:
     """Load a Llama-family checkpoint; ``dtype=None`` keeps the checkpoint's dtype (zero-copy on the CPU).
-    ``dense_linear`` decides the kernel of every dense projection (``linear.use_row_kernels``)."""
+    ``dense_linear`` decides the kernel of every dense projection (``linear.use_row_kernels``; None: leave
+    the choice to the caller, torch's until it is made)."""
     path = Path(path)
     raw = read_config_json(path)
     tensors = CheckpointTensors(path)
@@ -144,5 +145,6 @@ def load_model(
         model.lm_head.weight = model.embed_tokens.weight
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     assert not meta, f"parameters left unloaded: {meta}"  # expected_tensors and Transformer disagree: a bug
-    use_row_kernels(model, dense_linear)
+    if dense_linear is not None:
+        use_row_kernels(model, dense_linear)
     return model.eval()
