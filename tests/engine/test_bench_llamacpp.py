@@ -85,6 +85,13 @@ def test_report_figures_come_from_the_result():
     assert f"{3_300_000_000 / weights:.2f} | {3_300_000_000 / (weights + 10**8):.2f} |" in table
 
 
+def test_report_leaves_out_the_batch_table_when_no_batch_ran():
+    result = _result()
+    assert "Decode at batch > 1" in format_table(result)
+    result["extras"]["bf16"]["batches"] = {}  # --batches ""
+    assert "Decode at batch > 1" not in format_table(result)
+
+
 @pytest.mark.parametrize("formats", [(), ("fp8",)])
 def test_config_refuses_unknown_formats(formats):
     with pytest.raises(ValueError, match="--formats"):

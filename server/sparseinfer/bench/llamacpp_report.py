@@ -152,12 +152,13 @@ def format_table(result: dict[str, Any]) -> str:
         e = extras[fmt]
         cells = " | ".join(f"{v:.1f} ({v / e['read_gbps']:.0%})" for v in e["projections_gbps"].values())
         lines.append(f"| {fmt} | {e['read_gbps']:.1f} | {cells} |")
-    lines += ["", "Decode at batch > 1 (ours; aggregate tokens/s of the decode steps):", ""]
-    lines += ["| format | batch | dense | predicted | predicted / dense |", "|---|---:|---:|---:|---:|"]
-    for fmt in formats:
-        for batch, rates in extras[fmt]["batches"].items():
-            d, p = rates.get("dense"), rates.get("predicted")
-            lines.append(f"| {fmt} | {batch} | {d:.1f} | {p:.1f} | {_ratio(p, d)} |")
+    if any(extras[fmt]["batches"] for fmt in formats):  # none with --batches ""
+        lines += ["", "Decode at batch > 1 (ours; aggregate tokens/s of the decode steps):", ""]
+        lines += ["| format | batch | dense | predicted | predicted / dense |", "|---|---:|---:|---:|---:|"]
+        for fmt in formats:
+            for batch, rates in extras[fmt]["batches"].items():
+                d, p = rates.get("dense"), rates.get("predicted")
+                lines.append(f"| {fmt} | {batch} | {d:.1f} | {p:.1f} | {_ratio(p, d)} |")
     lines += [
         "",
         "Memory (ours; resident growth while loading each engine, against the bytes of its weights and of "
