@@ -1,5 +1,6 @@
-"""Batched FFN on the CPU: the sparse kernel against torch's GEMMs, the measurement behind
-``TieredFFN._gemms_win``.
+"""Batched FFN on the CPU: the sparse kernel against torch's GEMMs, the study behind ``TieredFFN._gemms_win``
+(whose costs an engine now measures at load, ``engine/ffn_calibration.py``; this script times the two paths
+over a grid, to check what that calibration predicts).
 
 Run: ``python scripts/ffn_crossover.py`` (about 3 minutes on 2 cores; a quiet machine). LLaMA-7B FFN shapes
 (4096 x 11008) in bf16, random weights (the timing does not depend on their values). For n input rows and a

@@ -22,7 +22,10 @@ ENVIRONMENT = [
         "(`model/linear_calibration.py`, a second or so per shape), and cached in "
         "`$XDG_CACHE_HOME/sparseinfer/dense-linear.json` (delete it to recalibrate): our row kernels for "
         "inputs of up to as many rows as they beat torch at, torch beyond. `torch`/`rows`: one of them "
-        "for every input; N: ours for inputs of up to N rows",
+        "for every input; N: ours for inputs of up to N rows. Unless `rows`, the sparse FFN's batched steps "
+        "(prefill, batches) choose between the sparse kernel and torch's GEMMs from costs measured the "
+        "same way (`engine/ffn_calibration.py`, about 1.5 s per 7B-shaped layer), cached in "
+        "`$XDG_CACHE_HOME/sparseinfer/ffn-crossover.json`",
     ),
     ("SPARSEINFER_HUGEPAGES", "sparseinfer", "`0` keeps CPU weights out of transparent huge pages"),
     (

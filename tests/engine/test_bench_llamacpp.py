@@ -137,3 +137,12 @@ def test_report_says_which_kernel_the_dense_projections_used():
     table = format_table(result)
     assert "`SPARSEINFER_DENSE_LINEAR=auto`" in table
     assert "bfloat16:4096x4096 ≤ 4; bfloat16:32000x4096 any." in table
+
+
+def test_report_gives_the_measured_ffn_crossover_costs():
+    result = _result()
+    assert "Batched FFN steps" not in format_table(result)  # a result from before it was recorded
+    entry = {"per_neuron": 7e-7, "per_pair": 2.5e-7, "gemm_rows": [8, 128], "gemm_per_neuron": [2e-6, 8.5e-6]}
+    result["meta"]["ffn_crossover"] = {"ffn:bfloat16:11008x4096:gated:silu:rows>4": entry}
+    table = format_table(result)
+    assert "| ffn:bfloat16:11008x4096:gated:silu:rows>4 | 0.70 | 0.250 | 8: 2.00, 128: 8.50 |" in table

@@ -102,6 +102,7 @@ def _prompt(n: int, seed: int) -> list[int]:
 def run_llamacpp_bench(config: LlamaCppBenchConfig, out: TextIO) -> dict[str, Any]:
     """Measure; return the JSON-able result."""
     from sparseinfer.cli import read_environment
+    from sparseinfer.engine import ffn_calibration
     from sparseinfer.engine.factory import EngineConfig, load_engine
     from sparseinfer.engine.hugepages import to_hugepages
     from sparseinfer.engine.modes import SparsityConfig
@@ -196,6 +197,7 @@ def run_llamacpp_bench(config: LlamaCppBenchConfig, out: TextIO) -> dict[str, An
     meta = _meta(config, tools, path)
     meta["dense_linear"] = dense_linear
     meta["dense_linear_rows_up_to"] = calibration().chosen()  # what "auto" measured, these shapes and more
+    meta["ffn_crossover"] = ffn_calibration.calibration().entries()  # the batched FFN's measured costs
     meta["llama_cpp_without_repack"] = sorted(no_repack)
     return {
         "meta": meta,

@@ -64,6 +64,26 @@ def _dense_linear(meta: dict[str, Any]) -> list[str]:
     ]
 
 
+def _ffn_crossover(meta: dict[str, Any]) -> list[str]:
+    """The batched FFN's costs measured at load (``engine.ffn_calibration``): why prefill took which path."""
+    entries = meta.get("ffn_crossover")
+    if not entries:  # a result from before the calibration, or no unquantized CPU tier
+        return []
+    lines = [
+        "Batched FFN steps (prefill, batches) of the unquantized tiers: the sparse kernel or torch's GEMMs, "
+        "whichever costs less by the costs measured at load (`engine/ffn_calibration.py`), in µs:",
+        "",
+        "| FFN | sparse, per union neuron | sparse, per (row, neuron) pair | GEMMs per neuron, by rows |",
+        "|---|---:|---:|---|",
+    ]
+    for key, e in entries.items():
+        gemms = ", ".join(
+            f"{n}: {c * 1e6:.2f}" for n, c in zip(e["gemm_rows"], e["gemm_per_neuron"], strict=True)
+        )
+        lines.append(f"| {key} | {e['per_neuron'] * 1e6:.2f} | {e['per_pair'] * 1e6:.3f} | {gemms} |")
+    return [*lines, ""]
+
+
 def format_table(result: dict[str, Any]) -> str:
     meta, memory, extras = result["meta"], result["memory"], result["extras"]
     c = meta["config"]
@@ -87,6 +107,7 @@ def format_table(result: dict[str, Any]) -> str:
         "",
         *_without_repack(meta),
         *_dense_linear(meta),
+        *_ffn_crossover(meta),
         "| format | llama.cpp tok/s | ours dense, SiLU | ours dense | ours predicted "
         "| dense SiLU / llama.cpp | dense / llama.cpp | predicted / llama.cpp "
         "| dense SiLU weight GB/s | predicted weight GB/s |",

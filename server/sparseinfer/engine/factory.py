@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from sparseinfer.engine.ffn_calibration import calibrate_crossovers
 from sparseinfer.engine.generate import Engine
 from sparseinfer.engine.modes import SparseRuntime, SparsityConfig
 from sparseinfer.model.linear import check_choice, use_row_kernels
@@ -121,4 +122,6 @@ def load_engine(model_dir: str | Path, config: EngineConfig, tokenizer: Tokenize
     # On the weights as they will run (fused, in huge pages, the runtime's tiers): the calibration of a
     # new shape times the kernels on them.
     use_row_kernels(model, config.dense_linear)
+    if runtime is not None:
+        calibrate_crossovers(model)  # where the batched FFN steps take torch's GEMMs (needs rows_up_to)
     return Engine(model, tokenizer, max_batch=config.max_batch, max_seq=max_seq, sparsity=runtime)

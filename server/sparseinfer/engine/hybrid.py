@@ -34,6 +34,44 @@ from sparseinfer.sparsity.neurons import active_mask
 DEFAULT_CROSSOVER = 1.0
 
 
+@dataclass(frozen=True)
+class CrossoverCosts:
+    """What a batched CPU FFN step costs on each path (``TieredFFN._gemms_win`` compares them), in seconds or
+    any one unit: the sparse kernel ``per_neuron`` of the union (its rows read once for all input rows) plus
+    ``per_pair`` (row, neuron) it computes; torch's GEMMs ``gemm_per_neuron[i]`` per neuron of the layer for
+    ``gemm_rows[i]`` input rows, linear between rungs, the first rung's below them and proportional to the
+    rows beyond the last (compute-bound there). Measured per machine at load (``engine.ffn_calibration``)."""
+
+    per_neuron: float
+    per_pair: float
+    gemm_rows: tuple[int, ...]
+    gemm_per_neuron: tuple[float, ...]
+
+    def gemms(self, n: int) -> float:
+        """torch's GEMMs' cost per neuron of the layer for ``n`` input rows."""
+        rows, cost = self.gemm_rows, self.gemm_per_neuron
+        if n <= rows[0]:
+            return cost[0]
+        if n >= rows[-1]:
+            return cost[-1] * n / rows[-1]
+        i = next(i for i in range(1, len(rows)) if n <= rows[i])
+        f = (n - rows[i - 1]) / (rows[i] - rows[i - 1])
+        return cost[i - 1] + f * (cost[i] - cost[i - 1])
+
+    def gemms_win(self, n: int, m: int, union: int, pairs: int) -> bool:
+        """Whether the GEMMs over all ``m`` neurons cost less than the sparse kernel over ``union`` neurons
+        and ``pairs`` (row, neuron) pairs, for ``n`` rows."""
+        return self.per_neuron * union + self.per_pair * pairs > self.gemms(n) * m
+
+
+# Until a calibration says otherwise: a fit to ``scripts/ffn_crossover.py`` on 2 Sapphire Rapids cores (AMX;
+# LLaMA-7B shapes in bf16; benchmarks/results/README.md, "Batched FFN: sparse kernel or GEMMs"): ~0.73 µs
+# per union neuron, ~0.24 µs per pair, GEMMs ~1.56 µs per neuron from 8 to 32 rows; as integers 15 : 5 : 32,
+# so that the boundary has no rounding. On a 2-core Zen 4 (AVX512_BF16, no AMX) the sparse kernel costs the
+# same but the GEMMs 2.5 µs per neuron at 16 rows and 8.4 at 128: hence the calibration.
+DEFAULT_COSTS = CrossoverCosts(15.0, 5.0, (8, 32), (32.0, 32.0))
+
+
 @dataclass
 class Tier:
     device: torch.device
@@ -124,6 +162,7 @@ class TieredFFN:
         # model.linear's for the tiers' gate/up GEMMs: set by ``use_row_kernels`` (``dense_projections``)
         # from the CPU tier's calibration; until then our kernels for every input.
         self.rows_up_to = EVERY_INPUT
+        self.costs = DEFAULT_COSTS  # both batched paths' costs here (``engine.ffn_calibration``)
         self._quantized = any(t.quantized for t in self.tiers)
         self.m = num_neurons
         self.out_device = out_device
@@ -161,18 +200,18 @@ class TieredFFN:
                 yield t.w_in, lambda up_to: setattr(self, "rows_up_to", up_to)
                 return
 
+    def cpu_tier(self) -> Tier | None:
+        """The unquantized CPU tier whose batched steps ``_gemms_win`` decides, if there is one."""
+        return next((t for t in self.tiers if t.device.type == "cpu" and not t.quantized), None)
+
     def _gemms_win(self, n: int, union: int, row_mask: torch.Tensor | None) -> bool:
         """Whether torch's GEMMs beat the sparse kernel for ``n`` rows over ``union`` neurons (``row_mask``:
         which rows use which, None: all rows the whole union), on a CPU where ``model.linear`` hands inputs
-        this long to torch (native bf16: AMX). A cost model fitted to ``scripts/ffn_crossover.py``
-        (benchmarks/results/README.md, "Batched FFN: sparse kernel or GEMMs"; LLaMA-7B shapes in bf16 on 2
-        Sapphire Rapids cores): the sparse kernel costs ~0.73 µs per union neuron (its three rows read once
-        for all input rows) plus ~0.24 µs per (row, neuron) pair it computes; torch's GEMMs ~1.56 µs per
-        neuron of the layer for 8 to 32 rows. So the GEMMs win where 3 · union + pairs > 6.4 · m."""
+        this long to torch: by the costs measured on this machine (``costs``, ``CrossoverCosts``)."""
         if n <= self.rows_up_to or self._quantized:
             return False
         pairs = n * union if row_mask is None else int(row_mask.sum())
-        return 15 * union + 5 * pairs > 32 * self.m  # in integers: no rounding at the boundary
+        return self.costs.gemms_win(n, self.m, union, pairs)
 
     def activations(self, x: torch.Tensor, tier: Tier) -> torch.Tensor:
         """Dense h of one tier's neurons: x (N, d) on the tier's device -> (N, m_t), in x's dtype."""
@@ -207,11 +246,16 @@ class TieredFFN:
             if t.device.type == "cpu" and not self._gemms_win(xt.shape[0], self.m, keep):
                 parts.append(self._sparse(t, xt, t.all_rows, keep))  # (N, d)
                 continue
-            h = self.activations(xt, t)  # (N, m_t)
-            if keep is not None:
-                h = h * keep.to(h.dtype)
-            parts.append(linear(h, t.w_out_t.t()))  # (N, d) on the tier's device
+            parts.append(self._gemms(t, xt, keep))  # (N, d) on the tier's device
         return self._sum(parts)
+
+    def _gemms(self, t: Tier, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """One tier's FFN through the dense projections (``model.linear``), h zeroed where ``keep`` (N, m_t)
+        is False: x (N, d) -> (N, d)."""
+        h = self.activations(x, t)  # (N, m_t)
+        if keep is not None:
+            h = h * keep.to(h.dtype)
+        return linear(h, t.w_out_t.t())  # (N, d)
 
     def _sparse(
         self, t: Tier, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None

@@ -49,10 +49,10 @@ Kernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 KERNELS: dict[str, Kernel] = {"rows": lambda x, w: ops.linear(x, w), "torch": lambda x, w: F.linear(x, w)}
 
 
-def cache_path() -> Path:
-    """$XDG_CACHE_HOME/sparseinfer/dense-linear.json, else ~/.cache/sparseinfer/dense-linear.json."""
+def cache_path(name: str = "dense-linear.json") -> Path:
+    """$XDG_CACHE_HOME/sparseinfer/``name``, else ~/.cache/sparseinfer/``name``."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sparseinfer" / "dense-linear.json"
+    return Path(base) / "sparseinfer" / name
 
 
 @functools.cache
@@ -137,7 +137,9 @@ def choose(weights: Sequence[torch.Tensor], timer: Callable[..., dict[str, float
 
 
 class Calibration:
-    """The measured ``rows_up_to`` per weight shape on this machine, read from and written to ``path``."""
+    """Measurements per key (a weight shape) on this machine, read from and written to ``path``: here the
+    measured ``rows_up_to`` per weight shape (``rows_up_to``); ``engine.ffn_calibration`` keeps its own
+    entries in another file through ``measured``."""
 
     def __init__(self, path: Path | None = None, timer: Callable[..., dict[str, float]] = measure) -> None:
         self.path = path if path is not None else cache_path()
@@ -155,7 +157,7 @@ class Calibration:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as e:  # unreadable or corrupt: recalibrate rather than fail a load
-            log.warning("ignoring the dense-linear calibration cache %s: %s", self.path, e)
+            log.warning("ignoring the calibration cache %s: %s", self.path, e)
             return {}
         return data if isinstance(data, dict) else {}
 
@@ -169,31 +171,41 @@ class Calibration:
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
             os.replace(tmp, self.path)
         except OSError as e:  # a read-only home: keep the choice for this process only
-            log.warning("could not write the dense-linear calibration cache %s: %s", self.path, e)
+            log.warning("could not write the calibration cache %s: %s", self.path, e)
 
     def chosen(self) -> dict[str, int]:
         """``rows_up_to`` per shape (``shape_key``) known for this machine (what a benchmark reports)."""
         return {k: int(v["rows_up_to"]) for k, v in sorted(self._load(machine_key()).items())}
 
+    def entries(self) -> dict[str, dict]:
+        """Every entry known for this machine, by key."""
+        return dict(sorted(self._load(machine_key()).items()))
+
+    def measured(self, key: str, measure: Callable[[], dict], describe: Callable[[dict], str]) -> dict:
+        """This machine's entry under ``key``: from the cache, else ``measure()``d now, logged with
+        ``describe`` and written to the file."""
+        machine = machine_key()  # read per call: the thread count may have changed since the last load
+        entries = self._load(machine)
+        if key not in entries:
+            start = time.perf_counter()
+            entries[key] = measure()
+            log.info(
+                "%s: %s (calibrated in %.2f s)", key, describe(entries[key]), time.perf_counter() - start
+            )
+            self._write(machine)
+        return entries[key]
+
     def rows_up_to(self, weights: Sequence[torch.Tensor]) -> int:
         """``rows_up_to`` for CPU weights of one shape and dtype (several: one per layer, see the module
         docstring), measured the first time this machine sees the shape."""
-        machine = machine_key()  # read per call: the thread count may have changed since the last load
-        entries = self._load(machine)
-        key = shape_key(weights[0])
-        if key not in entries:
-            start = time.perf_counter()
-            entries[key] = choose(weights, self.timer)
-            up_to = entries[key]["rows_up_to"]
+
+        def describe(entry: dict) -> str:
+            up_to = entry["rows_up_to"]
             shown = "every input" if up_to == EVERY_INPUT else f"inputs of up to {up_to} rows"
-            log.info(
-                "dense projections %s: our row kernels for %s, torch beyond (calibrated in %.2f s)",
-                key,
-                shown,
-                time.perf_counter() - start,
-            )
-            self._write(machine)
-        return int(entries[key]["rows_up_to"])
+            return f"dense projections: our row kernels for {shown}, torch beyond"
+
+        entry = self.measured(shape_key(weights[0]), lambda: choose(weights, self.timer), describe)
+        return int(entry["rows_up_to"])
 
 
 @functools.cache
