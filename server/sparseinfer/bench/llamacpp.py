@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import statistics
 import sys
@@ -103,7 +104,7 @@ def run_llamacpp_bench(config: LlamaCppBenchConfig, out: TextIO) -> dict[str, An
     """Measure; return the JSON-able result."""
     from sparseinfer.cli import read_environment
     from sparseinfer.engine import ffn_calibration
-    from sparseinfer.engine.factory import EngineConfig, load_engine
+    from sparseinfer.engine.factory import EngineConfig, load_engine, return_freed_heap
     from sparseinfer.engine.hugepages import to_hugepages
     from sparseinfer.engine.modes import SparsityConfig
     from sparseinfer.model.linear_calibration import calibration
@@ -120,6 +121,8 @@ def run_llamacpp_bench(config: LlamaCppBenchConfig, out: TextIO) -> dict[str, An
     silu = silu_twin(path)
     engines, silu_engines, memory = {}, {}, {}
     for fmt in config.formats:  # one at a time, so each one's resident memory is its own
+        gc.collect()  # what writing the checkpoint (or the engine before) freed must not be reused by
+        return_freed_heap()  # this load unseen: the growth would then read below the weights
         before = em.resident_bytes()
         engine_config = EngineConfig(
             max_seq=config.prompt_tokens + config.new_tokens + 8,
