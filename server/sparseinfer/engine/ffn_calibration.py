@@ -5,7 +5,7 @@ per union neuron (its rows read once for all the step's input rows) plus per (ro
 and the GEMMs', per neuron of the layer at the step's number of rows. The sparse kernel costs about the same
 on the CPUs measured so far; the GEMMs do not: on 2 Sapphire Rapids cores (AMX) they cost ~1.56 µs per
 neuron of a LLaMA-7B layer from 8 to 32 rows, on 2 Zen 4 cores (AVX512_BF16, no AMX) 2.5 µs at 16 rows and
-8.4 at 128, where a prefill's 128 rows at 90% sparsity cost the sparse kernel ~4 µs. A rule fitted on one
+8.3-8.8 at 128, where a prefill's 128 rows at 90% sparsity cost the sparse kernel 4-5 µs. A rule fitted on one
 machine sent the other's prefill to the GEMMs at half the speed. So the first load of an FFN shape on a
 machine times both on the layer's own CPU tier, and the result is cached (``ffn-crossover.json`` next to
 the dense-linear calibration, under the same machine key: ``model.linear_calibration``):
