@@ -34,7 +34,7 @@ from torch import nn
 from sparseinfer import ops
 from sparseinfer.engine.hybrid import CrossoverCosts, TieredFFN
 from sparseinfer.engine.sparse_ffn import SparseFFN
-from sparseinfer.model.linear_calibration import EVERY_INPUT, Calibration, cache_path
+from sparseinfer.model.linear_calibration import Calibration, cache_path, shape_key
 
 GEMM_ROWS = (4, 8, 16, 32, 64, 128)  # input rows the GEMM path is timed at
 PAIR_ROWS = 128  # input rows of the sparse kernel's second timing
@@ -49,15 +49,13 @@ def calibration() -> Calibration:
 
 
 def ffn_key(ffn: TieredFFN) -> str | None:
-    """The cache entry of ``ffn``'s CPU tier (None: no tier whose steps ``_gemms_win`` decides)."""
+    """The cache entry of ``ffn``'s CPU tier (None: no tier whose steps ``_gemms_win`` decides, or no rung
+    of ``GEMM_ROWS`` above its ``rows_up_to`` to time: ``rows`` sets every input's)."""
     t = ffn.cpu_tier()
-    if t is None or ffn.rows_up_to == EVERY_INPUT:
+    if t is None or ffn.rows_up_to >= GEMM_ROWS[-1]:
         return None
     gated = "gated" if t.w_up is not None else "plain"
-    return (
-        f"ffn:{str(t.w_in.dtype).removeprefix('torch.')}:{ffn.m}x{t.w_in.shape[1]}:{gated}:"
-        f"{ffn.activation}:rows>{ffn.rows_up_to}"
-    )
+    return f"ffn:{shape_key(t.w_in)}:{gated}:{ffn.activation}:rows>{ffn.rows_up_to}"
 
 
 def _best(fn: Callable[[], object]) -> float:
@@ -134,7 +132,7 @@ def calibrate_crossovers(model: nn.Module, cal: Calibration | None = None) -> di
     for module in model.modules():
         if isinstance(module, SparseFFN):
             key = ffn_key(module.tiered)
-            if key is not None and any(n > module.tiered.rows_up_to for n in GEMM_ROWS):
+            if key is not None:
                 groups[key].append(module.tiered)
     chosen = {}
     for key, ffns in groups.items():
