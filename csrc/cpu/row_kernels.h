@@ -38,6 +38,11 @@ struct RowKernels {
   // dot product; nullptr where the CPU has none (or the weights are not bf16): use `dots`.
   void (*dots_bf16)(const void* w, const void* next, const uint16_t* const* xs, int nrows,
                     int64_t d, float* out) = nullptr;
+  // out[r * ldo + i] = row i . xs[r] over n consecutive weight rows (row i at w + i * row_bytes),
+  // r < nrows <= kMaxBf16DotRows: `dots_bf16` row after row (the same sums), in one call. Present
+  // where dots_bf16 is.
+  void (*gemv_bf16)(const void* w, int64_t row_bytes, int64_t n, const uint16_t* const* xs,
+                    int nrows, int64_t d, float* out, int64_t ldo) = nullptr;
 };
 
 RowKernels scalar_row_kernels(WeightType type);

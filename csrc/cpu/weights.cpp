@@ -169,6 +169,14 @@ void Activations::gemv(const WeightMatrix& w, int64_t begin, int64_t end, float*
     }
     return;
   }
+  // Up to 4 rows of x in bf16: one kernel call for the whole range (more rows take the per-row
+  // loop below, which reads each weight row once for all of them).
+  if (x16_ != nullptr && rk_.gemv_bf16 != nullptr && B <= kMaxBf16DotRows) {
+    const uint16_t* xs[kMaxBf16DotRows];
+    for (int64_t r = 0; r < B; ++r) xs[r] = x16_ + r * d_;
+    rk_.gemv_bf16(w.row(begin), w.row_bytes, n, xs, static_cast<int>(B), d_, out, n);
+    return;
+  }
   std::vector<int32_t> all(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) all[b] = static_cast<int32_t>(b);
   std::vector<float> res(static_cast<size_t>(B));
