@@ -81,28 +81,30 @@ void dots_bf16(const void* w, const void* next, const uint16_t* const* xs, int n
   }
 }
 
-// Consecutive rows in one call: no next-row prefetch, because within one matrix the hardware
-// prefetcher already streams the rows in order, and the extra requests cost bandwidth (a 4096 x
-// 4096 GEMV on 2 Zen 4 cores: 45 GB/s with them, 58 without, standalone); and no per-row call
-// through the kernel table and CleanExit, which kept ops.linear ~8% below the same loop called
-// directly.
+// Consecutive rows in one call, without the per-row call through the kernel table and CleanExit
+// (which kept a batch-1 ops.linear ~8% below the same loop called directly). At batch 1 without the
+// next-row prefetch either: within one matrix the hardware prefetcher already streams the rows in
+// order, and the extra requests cost bandwidth (a 4096 x 4096 GEMV on 2 Zen 4 cores: 45 GB/s with
+// them, 58 without, standalone). With 2-4 rows of x the kernel does 2-4x the work per byte and the
+// prefetch pays again (4 rows: 22 GB/s with it, 19 without), so it stays there.
 void gemv_bf16(const void* w, int64_t row_bytes, int64_t n, const uint16_t* const* xs, int nrows,
                int64_t d, float* out, int64_t ldo) {
   const char* row = static_cast<const char*>(w);
   float res[kMaxBf16DotRows];
   for (int64_t i = 0; i < n; ++i, row += row_bytes) {
+    const char* next = i + 1 < n ? row + row_bytes : nullptr;
     switch (nrows) {
       case 1:
         dots_bf16_n<1>(row, nullptr, xs, d, out + i);
         continue;
       case 2:
-        dots_bf16_n<2>(row, nullptr, xs, d, res);
+        dots_bf16_n<2>(row, next, xs, d, res);
         break;
       case 3:
-        dots_bf16_n<3>(row, nullptr, xs, d, res);
+        dots_bf16_n<3>(row, next, xs, d, res);
         break;
       default:
-        dots_bf16_n<4>(row, nullptr, xs, d, res);
+        dots_bf16_n<4>(row, next, xs, d, res);
     }
     for (int r = 0; r < nrows; ++r) out[r * ldo + i] = res[r];
   }
