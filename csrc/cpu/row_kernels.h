@@ -43,6 +43,11 @@ struct RowKernels {
   // where dots_bf16 is.
   void (*gemv_bf16)(const void* w, int64_t row_bytes, int64_t n, const uint16_t* const* xs,
                     int nrows, int64_t d, float* out, int64_t ldo) = nullptr;
+  // out[i] = ws[i] . x for i < nw <= kMaxBf16DotRows scattered rows, read together (each row's sum
+  // as dots_bf16 computes it); `nexts` (nw entries, each may be nullptr) are prefetched. Present
+  // where dots_bf16 is.
+  void (*gather_bf16)(const void* const* ws, const void* const* nexts, int nw, const uint16_t* x,
+                      int64_t d, float* out) = nullptr;
 };
 
 RowKernels scalar_row_kernels(WeightType type);

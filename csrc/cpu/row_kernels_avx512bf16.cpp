@@ -81,6 +81,62 @@ void dots_bf16(const void* w, const void* next, const uint16_t* const* xs, int n
   }
 }
 
+// kNw scattered weight rows against one x row, their loads interleaved so that a core has all kNw
+// rows' misses in flight at once. Per row the sums of dots_bf16_n<1> in its order (bit-identical).
+template <int kNw>
+void gather_bf16_n(const void* const* ws, const void* const* nexts, const uint16_t* x, int64_t d,
+                   float* out) {
+  constexpr int kChains = 4;
+  const uint16_t* w[kNw];
+  const char* nx[kNw];
+  for (int i = 0; i < kNw; ++i) {
+    w[i] = static_cast<const uint16_t*>(ws[i]);
+    nx[i] = static_cast<const char*>(nexts[i]);
+  }
+  __m512 acc[kNw][kChains];
+  for (int i = 0; i < kNw; ++i)
+    for (int u = 0; u < kChains; ++u) acc[i][u] = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 32 * kChains <= d; c += 32 * kChains) {
+    __m512bh xv[kChains];
+    for (int u = 0; u < kChains; ++u) xv[u] = bf16_block(x + c + 32 * u);
+    for (int i = 0; i < kNw; ++i) {
+      if (nx[i] != nullptr) {
+        for (int u = 0; u < kChains; ++u) _mm_prefetch(nx[i] + 2 * c + 64 * u, _MM_HINT_T2);
+      }
+      for (int u = 0; u < kChains; ++u)
+        acc[i][u] = _mm512_dpbf16_ps(acc[i][u], bf16_block(w[i] + c + 32 * u), xv[u]);
+    }
+  }
+  for (; c < d; c += 32) {
+    const int64_t n = d - c < 32 ? d - c : 32;
+    const __mmask32 m = n == 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
+    const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, x + c));
+    for (int i = 0; i < kNw; ++i) {
+      const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, w[i] + c));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], wv, xv);
+    }
+  }
+  for (int i = 0; i < kNw; ++i) {
+    out[i] = _mm512_reduce_add_ps(
+        _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3])));
+  }
+}
+
+void gather_bf16(const void* const* ws, const void* const* nexts, int nw, const uint16_t* x,
+                 int64_t d, float* out) {
+  switch (nw) {
+    case 1:
+      return gather_bf16_n<1>(ws, nexts, x, d, out);
+    case 2:
+      return gather_bf16_n<2>(ws, nexts, x, d, out);
+    case 3:
+      return gather_bf16_n<3>(ws, nexts, x, d, out);
+    default:
+      return gather_bf16_n<4>(ws, nexts, x, d, out);
+  }
+}
+
 // Consecutive rows in one call, without the per-row call through the kernel table and CleanExit
 // (which kept a batch-1 ops.linear ~8% below the same loop called directly). At batch 1 without the
 // next-row prefetch either: within one matrix the hardware prefetcher already streams the rows in
@@ -117,6 +173,7 @@ RowKernels avx512bf16_row_kernels(WeightType type) {
   if (type == WeightType::kBF16) {
     k.dots_bf16 = &CleanExit<&dots_bf16>::call;
     k.gemv_bf16 = &CleanExit<&gemv_bf16>::call;
+    k.gather_bf16 = &CleanExit<&gather_bf16>::call;
   }
   return k;
 }

@@ -147,6 +147,14 @@ void Activations::gather(const char* const* ws, const char* const* nexts, int nw
                   xq_.sum_of(0), xq_.nblk, res);
     return;
   }
+  if (x16_ != nullptr && rk_.gather_bf16 != nullptr) {
+    for (int i0 = 0; i0 < nw; i0 += kMaxBf16DotRows) {
+      rk_.gather_bf16(reinterpret_cast<const void* const*>(ws + i0),
+                      reinterpret_cast<const void* const*>(nexts + i0),
+                      std::min(kMaxBf16DotRows, nw - i0), x16_, d_, res + i0);
+    }
+    return;
+  }
   const int32_t row0 = 0;
   for (int i = 0; i < nw; ++i) dots(ws[i], nexts[i], &row0, 1, res + i);
 }
