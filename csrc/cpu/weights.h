@@ -51,8 +51,8 @@ class Activations {
   // res[k] = w_row . x[rows[k]] for k < count.
   void dots(const char* w_row, const char* next, const int32_t* rows, int count, float* res) const;
   // res[i] = ws[i] . x[0] for i < nw <= kMaxGatherRows (x has one row): scattered rows computed
-  // together where the kernels can (interleaved quantized rows, bf16 rows on AVX512_BF16), else one after another. nexts:
-  // nw rows read after these (prefetched; entries may be nullptr).
+  // together where the kernels can (interleaved quantized rows, bf16 rows on AVX512_BF16), else one
+  // after another. nexts: nw rows read after these (prefetched; entries may be nullptr).
   void gather(const char* const* ws, const char* const* nexts, int nw, float* res) const;
   // out[b * (end - begin) + i - begin] = w.row(i) . x[b] for every row b of x, begin <= i < end: a
   // dense GEMV/GEMM over consecutive rows (interleaved quantized rows in one kernel call per 4 rows
