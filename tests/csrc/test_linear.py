@@ -9,7 +9,10 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("B", "d", "k"), [(1, 1, 1), (1, 37, 19), (3, 64, 130), (5, 129, 7), (32, 33, 65)])
+@pytest.mark.parametrize(
+    ("B", "d", "k"),
+    [(1, 1, 1), (1, 37, 19), (1, 300, 67), (3, 64, 130), (4, 300, 67), (5, 129, 7), (32, 33, 65)],
+)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matches_reference(isa, dtype, B, d, k, with_bias):
     gen = torch.Generator().manual_seed(B * d + k)

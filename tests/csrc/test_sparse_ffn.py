@@ -44,7 +44,9 @@ def test_matches_reference_all_activations(isa, activation, gated, masked):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("B", "d", "m"), [(1, 1, 1), (1, 7, 13), (2, 33, 65), (5, 129, 300), (32, 61, 97)])
+@pytest.mark.parametrize(
+    ("B", "d", "m"), [(1, 1, 1), (1, 7, 13), (1, 300, 97), (2, 33, 65), (5, 129, 300), (32, 61, 97)]
+)
 def test_matches_reference_odd_sizes(isa, dtype, B, d, m):
     _check(_case(B, d, m, dtype, masked=B > 1, seed=B + d), "relu")
 
