@@ -95,7 +95,11 @@ def test_health_answers_while_the_largest_requests_are_handled(server):
                         c.tokenize(text)
                     with contextlib.suppress(Exception):
                         c.generate(text, max_new_tokens=4)
-    assert len(latencies) > 5 and max(latencies) < 0.1, sorted(latencies)[-5:]
+    # Each of the ~40 calls above that blocked the event loop would hold up the probes; one lone slow
+    # probe is a scheduler or GC pause on a 2-core machine (a CI run saw one probe of 0.38 s among 335
+    # while no call above took more than 0.12 s).
+    slow = [t for t in latencies if t >= 0.1]
+    assert len(latencies) > 5 and len(slow) <= 1 and max(latencies) < 1.0, sorted(latencies)[-5:]
     assert wait_until(lambda: idle(server))
 
 
