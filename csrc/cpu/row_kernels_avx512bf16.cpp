@@ -28,43 +28,60 @@ inline __m512bh bf16_block(const uint16_t* p) {
   return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
 }
 
-// kRows rows of x against one weight row, four accumulator chains per row (128 weights a step),
-// then the last d % 128 weights in masked 32-weight blocks into the first chain: the same order for
-// every kRows, so a row's result does not depend on its batch mates.
-template <int kRows>
-void dots_bf16_n(const void* w_row, const void* next, const uint16_t* const* xs, int64_t d,
-                 float* out) {
-  const auto* w = static_cast<const uint16_t*>(w_row);
-  const char* nx = static_cast<const char*>(next);
+// kW weight rows against kX rows of x: out[i * kX + r] = ws[i] . xs[r]. Per pair four accumulator
+// chains (128 weights a step), then the last d % 128 weights in masked 32-weight blocks into the
+// first chain: the same order for every kW and kX, so a pair's result depends neither on its batch
+// mates nor on the rows read beside it. nexts[i] (or nullptr): this step's cache lines of the row
+// read after ws[i], into L2. kW x kX <= 4 keeps the accumulators in registers.
+template <int kW, int kX>
+void dots_bf16_tile(const uint16_t* const* ws, const char* const* nexts, const uint16_t* const* xs,
+                    int64_t d, float* out) {
   constexpr int kChains = 4;
-  __m512 acc[kRows][kChains];
-  for (int r = 0; r < kRows; ++r)
-    for (int u = 0; u < kChains; ++u) acc[r][u] = _mm512_setzero_ps();
+  __m512 acc[kW][kX][kChains];
+  for (int i = 0; i < kW; ++i)
+    for (int r = 0; r < kX; ++r)
+      for (int u = 0; u < kChains; ++u) acc[i][r][u] = _mm512_setzero_ps();
   int64_t c = 0;
   for (; c + 32 * kChains <= d; c += 32 * kChains) {
-    if (nx != nullptr) {  // this step's cache lines of the next row, into L2
-      for (int u = 0; u < kChains; ++u) _mm_prefetch(nx + 2 * c + 64 * u, _MM_HINT_T2);
-    }
-    __m512bh wv[kChains];
-    for (int u = 0; u < kChains; ++u) wv[u] = bf16_block(w + c + 32 * u);
-    for (int r = 0; r < kRows; ++r) {
-      for (int u = 0; u < kChains; ++u)
-        acc[r][u] = _mm512_dpbf16_ps(acc[r][u], wv[u], bf16_block(xs[r] + c + 32 * u));
+    for (int i = 0; i < kW; ++i) {
+      if (nexts[i] != nullptr) {
+        for (int u = 0; u < kChains; ++u) _mm_prefetch(nexts[i] + 2 * c + 64 * u, _MM_HINT_T2);
+      }
+      __m512bh wv[kChains];
+      for (int u = 0; u < kChains; ++u) wv[u] = bf16_block(ws[i] + c + 32 * u);
+      for (int r = 0; r < kX; ++r) {
+        for (int u = 0; u < kChains; ++u)
+          acc[i][r][u] = _mm512_dpbf16_ps(acc[i][r][u], wv[u], bf16_block(xs[r] + c + 32 * u));
+      }
     }
   }
   for (; c < d; c += 32) {
     const int64_t n = d - c < 32 ? d - c : 32;
     const __mmask32 m = n == 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
-    const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, w + c));
-    for (int r = 0; r < kRows; ++r) {
-      const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, xs[r] + c));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], wv, xv);
+    for (int i = 0; i < kW; ++i) {
+      const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, ws[i] + c));
+      for (int r = 0; r < kX; ++r) {
+        const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, xs[r] + c));
+        acc[i][r][0] = _mm512_dpbf16_ps(acc[i][r][0], wv, xv);
+      }
     }
   }
-  for (int r = 0; r < kRows; ++r) {
-    out[r] = _mm512_reduce_add_ps(
-        _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));
+  for (int i = 0; i < kW; ++i) {
+    for (int r = 0; r < kX; ++r) {
+      const __m512* a = acc[i][r];
+      out[i * kX + r] =
+          _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+    }
   }
+}
+
+// kRows rows of x against one weight row.
+template <int kRows>
+void dots_bf16_n(const void* w_row, const void* next, const uint16_t* const* xs, int64_t d,
+                 float* out) {
+  const uint16_t* const ws[1] = {static_cast<const uint16_t*>(w_row)};
+  const char* const nexts[1] = {static_cast<const char*>(next)};
+  dots_bf16_tile<1, kRows>(ws, nexts, xs, d, out);
 }
 
 void dots_bf16(const void* w, const void* next, const uint16_t* const* xs, int nrows, int64_t d,
@@ -82,45 +99,18 @@ void dots_bf16(const void* w, const void* next, const uint16_t* const* xs, int n
 }
 
 // kNw scattered weight rows against one x row, their loads interleaved so that a core has all kNw
-// rows' misses in flight at once. Per row the sums of dots_bf16_n<1> in its order (bit-identical).
+// rows' misses in flight at once.
 template <int kNw>
 void gather_bf16_n(const void* const* ws, const void* const* nexts, const uint16_t* x, int64_t d,
                    float* out) {
-  constexpr int kChains = 4;
   const uint16_t* w[kNw];
   const char* nx[kNw];
   for (int i = 0; i < kNw; ++i) {
     w[i] = static_cast<const uint16_t*>(ws[i]);
     nx[i] = static_cast<const char*>(nexts[i]);
   }
-  __m512 acc[kNw][kChains];
-  for (int i = 0; i < kNw; ++i)
-    for (int u = 0; u < kChains; ++u) acc[i][u] = _mm512_setzero_ps();
-  int64_t c = 0;
-  for (; c + 32 * kChains <= d; c += 32 * kChains) {
-    __m512bh xv[kChains];
-    for (int u = 0; u < kChains; ++u) xv[u] = bf16_block(x + c + 32 * u);
-    for (int i = 0; i < kNw; ++i) {
-      if (nx[i] != nullptr) {
-        for (int u = 0; u < kChains; ++u) _mm_prefetch(nx[i] + 2 * c + 64 * u, _MM_HINT_T2);
-      }
-      for (int u = 0; u < kChains; ++u)
-        acc[i][u] = _mm512_dpbf16_ps(acc[i][u], bf16_block(w[i] + c + 32 * u), xv[u]);
-    }
-  }
-  for (; c < d; c += 32) {
-    const int64_t n = d - c < 32 ? d - c : 32;
-    const __mmask32 m = n == 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
-    const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, x + c));
-    for (int i = 0; i < kNw; ++i) {
-      const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, w[i] + c));
-      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], wv, xv);
-    }
-  }
-  for (int i = 0; i < kNw; ++i) {
-    out[i] = _mm512_reduce_add_ps(
-        _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3])));
-  }
+  const uint16_t* const xs[1] = {x};
+  dots_bf16_tile<kNw, 1>(w, nx, xs, d, out);
 }
 
 void gather_bf16(const void* const* ws, const void* const* nexts, int nw, const uint16_t* x,

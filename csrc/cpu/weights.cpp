@@ -148,11 +148,9 @@ void Activations::gather(const char* const* ws, const char* const* nexts, int nw
     return;
   }
   if (x16_ != nullptr && rk_.gather_bf16 != nullptr) {
-    for (int i0 = 0; i0 < nw; i0 += kMaxBf16DotRows) {
-      rk_.gather_bf16(reinterpret_cast<const void* const*>(ws + i0),
-                      reinterpret_cast<const void* const*>(nexts + i0),
-                      std::min(kMaxBf16DotRows, nw - i0), x16_, d_, res + i0);
-    }
+    static_assert(kMaxGatherRows <= kMaxBf16DotRows, "a gather is one gather_bf16 call");
+    rk_.gather_bf16(reinterpret_cast<const void* const*>(ws),
+                    reinterpret_cast<const void* const*>(nexts), nw, x16_, d_, res);
     return;
   }
   const int32_t row0 = 0;
